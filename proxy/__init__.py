@@ -1,0 +1,3 @@
+"""MemCube Proxy: the OpenAI-compatible HTTP surface, backends and CLI."""
+
+__version__ = "0.1.0"

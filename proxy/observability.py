@@ -1,0 +1,158 @@
+"""Request ids, logging and Prometheus metrics, applied by one pure-ASGI middleware.
+
+Pure ASGI (not BaseHTTPMiddleware) because it sits on every request's hot path and
+must see a stream's last byte to time it. It also enforces the body size limit.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.errors import PayloadTooLargeError, error_response
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+access_log = logging.getLogger("proxy.access")
+
+REQUEST_ID_HEADER = "x-memcube-request-id"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                    30, 60, 120)
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    for noisy in ("httpx", "httpcore", "LiteLLM", "litellm"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class Metrics:
+    """One registry per app, so two apps in one process (tests) never share counts."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["route", "model", "status"]
+        self.requests = Counter("memcube_requests_total", "HTTP requests answered.",
+                                labels, registry=self.registry)
+        self.errors = Counter("memcube_request_errors_total",
+                              "Requests that failed, mid-stream failures included.",
+                              [*labels, "type"], registry=self.registry)
+        self.latency = Histogram("memcube_request_duration_seconds",
+                                 "Time from request to last byte, seconds.",
+                                 ["route", "model"], buckets=_LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.in_flight = Gauge("memcube_requests_in_flight", "Requests being served.",
+                               registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe(self, state: dict[str, Any], route: str, status: int, seconds: float) -> None:
+        model = str(state.get("model") or "")
+        code = str(status)
+        self.requests.labels(route, model, code).inc()
+        self.latency.labels(route, model).observe(seconds)
+        error_type = state.get("error_type")
+        if status >= 400 or error_type:
+            self.errors.labels(route, model, code, error_type or "error").inc()
+
+
+class ProxyMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = rid
+        header_value = rid.encode()
+        start = time.perf_counter()
+        status = 500
+        finished = False
+        limit = self.max_body_bytes
+        self.metrics.in_flight.inc()
+
+        def record() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            seconds = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe(state, route, status, seconds)
+            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
+                            seconds * 1000)
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (REQUEST_ID_HEADER.encode(), header_value)]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                record()
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLargeError(_too_large(limit))
+            return message
+
+        try:
+            declared = _content_length(scope)
+            if declared is not None and declared > limit:
+                response = error_response(PayloadTooLargeError(_too_large(limit)))
+                await response(scope, receive, send_wrapper)
+                return
+            await self.app(scope, limited_receive, send_wrapper)
+        finally:
+            record()
+            self.metrics.in_flight.dec()
+            request_id_var.reset(token)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit: int) -> str:
+    return f"Request body is larger than the limit of {limit} bytes."

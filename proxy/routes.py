@@ -1,0 +1,52 @@
+"""HTTP routes: thin; the logic lives in :mod:`proxy.serving`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from proxy.protocol import ChatCompletionRequest
+
+router = APIRouter()
+
+_chat_schema = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema(
+            ref_template="#/components/schemas/{model}")}},
+    }
+}
+
+
+@router.post("/v1/chat/completions", openapi_extra=_chat_schema)
+async def chat_completions(request: Request) -> Response:
+    return await request.app.state.chat.handle(request)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    created = request.app.state.started_at
+    return {
+        "object": "list",
+        "data": [
+            {"id": cfg.name, "object": "model", "created": created, "owned_by": "memcube-proxy"}
+            for cfg in request.app.state.settings.models
+        ],
+    }
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    backends = request.app.state.chat.backends
+    models = {name: ("ready" if b.ready else "loading") for name, b in backends.items()}
+    ok = all(v == "ready" for v in models.values())
+    return JSONResponse({"status": "ok" if ok else "starting", "models": models},
+                        status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

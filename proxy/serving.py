@@ -1,0 +1,146 @@
+"""Chat completions: the request pipeline.
+
+parse -> resolve model and user -> memory.recall (inject) -> backend -> response
+-> memory.remember (before the response ends). Errors before the first byte are
+HTTP errors; errors after it become one error frame followed by ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive
+
+from memory.layer import MemoryLayer, Turn
+from proxy.backends.base import ChatBackend, chunk_text, completion_text
+from proxy.errors import ModelNotFoundError, ProxyError, error_body
+from proxy.protocol import parse_chat_request
+
+log = logging.getLogger(__name__)
+
+USER_HEADER = "x-memcube-user"
+SESSION_HEADER = "x-memcube-session"
+DONE_FRAME = b"data: [DONE]\n\n"
+# nginx-style "client closed request": logged and counted, never seen by the client.
+CLIENT_CLOSED = 499
+
+
+def sse_frame(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ChatService:
+    def __init__(self, backends: dict[str, ChatBackend], memory: MemoryLayer) -> None:
+        self.backends = backends
+        self.memory = memory
+
+    async def handle(self, request: Request) -> Response:
+        raw = await request.body()
+        body, req = parse_chat_request(raw)
+        backend = self.backends.get(req.model)
+        if backend is None:
+            raise ModelNotFoundError(req.model)
+        state = request.scope["state"]
+        state["model"] = req.model
+        body.pop("memory", None)
+        turn = Turn(
+            request_id=state["request_id"],
+            tenant="default",
+            user=request.headers.get(USER_HEADER) or req.user or "default",
+            session_id=request.headers.get(SESSION_HEADER),
+            model=req.model,
+            options=req.memory.model_dump(exclude_none=True) if req.memory else {},
+        )
+        messages = body["messages"]
+        recall = await self.memory.recall(turn, messages)
+        body["messages"] = recall.messages
+        headers = {
+            "x-memcube-memories": ",".join(recall.memory_ids),
+            "x-memcube-activation": recall.activation,
+        }
+        if req.stream:
+            return await self._stream(request, backend, body, turn, messages, headers)
+        return await self._complete(request, backend, body, turn, messages, headers)
+
+    async def _complete(self, request: Request, backend: ChatBackend, body: dict[str, Any],
+                        turn: Turn, messages: list[dict[str, Any]],
+                        headers: dict[str, str]) -> Response:
+        work = asyncio.ensure_future(backend.complete(body))
+        gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            log.info("client disconnected; generation stopped")
+            await self.memory.remember(turn, messages, None)
+            return Response(status_code=CLIENT_CLOSED)
+        completion = work.result()
+        await self.memory.remember(turn, messages, completion_text(completion.data))
+        content = completion.raw if completion.raw is not None else json.dumps(completion.data)
+        return Response(content=content, media_type="application/json", headers=headers)
+
+    async def _stream(self, request: Request, backend: ChatBackend, body: dict[str, Any],
+                      turn: Turn, messages: list[dict[str, Any]],
+                      headers: dict[str, str]) -> Response:
+        chunks = backend.stream(body)
+        try:
+            # Pull the first chunk now so that a failure to start is a proper HTTP error.
+            first: dict[str, Any] | None = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        state = request.scope["state"]
+        frames = self._frames(chunks, first, state, turn, messages)
+        return StreamingResponse(frames, media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"})
+
+    async def _frames(self, chunks: AsyncGenerator[dict[str, Any], None], first: dict[str, Any] | None,
+                      state: dict[str, Any], turn: Turn,
+                      messages: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+        text: list[str] = []
+        finished = False
+        try:
+            try:
+                if first is not None:
+                    text.append(chunk_text(first))
+                    yield sse_frame(first)
+                async for chunk in chunks:
+                    text.append(chunk_text(chunk))
+                    yield sse_frame(chunk)
+                reply: str | None = "".join(text)
+            except ProxyError as exc:
+                log.warning("stream failed: %s", exc.message)
+                state["error_type"] = exc.type
+                yield sse_frame(exc.body())
+                reply = None
+            except Exception:
+                log.exception("stream failed")
+                state["error_type"] = "api_error"
+                yield sse_frame(error_body("internal error while streaming", "api_error"))
+                reply = None
+            await self.memory.remember(turn, messages, reply)
+            finished = True
+            yield DONE_FRAME
+        finally:
+            await chunks.aclose()
+            if not finished:
+                # The client left mid-stream: keep what it said, not the half reply.
+                await self.memory.remember(turn, messages, None)

