@@ -53,6 +53,14 @@ class LiteLLMBackend(ChatBackend):
         self._llm = _litellm()
         self._params = set(inspect.signature(self._llm.acompletion).parameters) - {"kwargs"}
 
+    async def close(self) -> None:
+        # litellm runs a logging task on the serving loop; stop it with the loop's owner.
+        try:
+            from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
+        except ImportError:
+            return
+        await GLOBAL_LOGGING_WORKER.stop()
+
     def _kwargs(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -67,11 +75,18 @@ class LiteLLMBackend(ChatBackend):
             stream=stream,
             timeout=self.timeout,
             num_retries=self.max_retries,
+            # With `tools`, litellm otherwise routes through its MCP gateway, which imports
+            # the optional `mcp` package (litellm[proxy]); plain tool calls need none of it.
+            _skip_mcp_handler=True,
         )
         if self.api_base:
             kwargs["api_base"] = self.api_base
         if self._api_key:
             kwargs["api_key"] = self._api_key
+        elif self.api_base and self.upstream_model.startswith(("openai/", "hosted_vllm/")):
+            # Keyless OpenAI-compatible servers (Ollama, vLLM): the OpenAI SDK under
+            # litellm refuses to start without some key.
+            kwargs["api_key"] = "no-key"
         return kwargs
 
     async def complete(self, body: dict[str, Any]) -> Completion:

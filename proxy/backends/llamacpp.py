@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,14 @@ def default_model_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
 
 
+@dataclass(frozen=True, slots=True)
+class GenerationStats:
+    """How the last generation ended: observable by tests and logs."""
+
+    pieces: int
+    cancelled: bool
+
+
 class LlamaCppBackend(ChatBackend):
     kind = "llamacpp"
 
@@ -61,6 +70,7 @@ class LlamaCppBackend(ChatBackend):
         self._formatter: Any = None
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
+        self.last_generation: GenerationStats | None = None
 
     @property
     def ready(self) -> bool:
@@ -92,6 +102,11 @@ class LlamaCppBackend(ChatBackend):
             bos_token=token_text(llm.token_bos()),
         )
         return llm, formatter
+
+    async def idle(self) -> None:
+        """Return once no generation is running (those queued before it included)."""
+        async with self._lock:
+            return
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -153,15 +168,18 @@ class LlamaCppBackend(ChatBackend):
 
     def _generate(self, tokens: list[int], kwargs: dict[str, Any],
                   put: Callable[[object], None], cancel: threading.Event) -> None:
+        pieces = 0
         try:
             for out in self._llm.create_completion(tokens, stream=True, **kwargs):
                 if cancel.is_set():
                     break
+                pieces += 1
                 choice = out["choices"][0]
                 put((choice["text"], choice.get("finish_reason")))
         except Exception as exc:  # handed to the event loop, raised there
             put(exc)
         finally:
+            self.last_generation = GenerationStats(pieces=pieces, cancelled=cancel.is_set())
             put(_END)
 
     async def _pieces(self, tokens: list[int],
@@ -173,25 +191,30 @@ class LlamaCppBackend(ChatBackend):
         def put(item: object) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        async with self._lock:
-            ctx = contextvars.copy_context()
+        await self._lock.acquire()
+        try:
             future = loop.run_in_executor(
-                self._executor, ctx.run, self._generate, tokens, kwargs, put, cancel
+                self._executor, contextvars.copy_context().run, self._generate, tokens, kwargs,
+                put, cancel,
             )
-            try:
-                while True:
-                    item = await queue.get()
-                    if item is _END:
-                        break
-                    if isinstance(item, BaseException):
-                        log.error("local generation failed: %s", item)
-                        raise ProxyError("local model failed to generate", code="model_error")
-                    assert isinstance(item, tuple)
-                    yield item
-            finally:
-                cancel.set()
-                # The lock stays held until the worker has let go of the llama context.
-                await asyncio.shield(future)
+        except BaseException:
+            self._lock.release()
+            raise
+        # The lock is held until the worker lets go of the llama context, however this
+        # coroutine ends (a cancelled request must not let the next one in early).
+        future.add_done_callback(lambda _: self._lock.release())
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    log.error("local generation failed: %s", item)
+                    raise ProxyError("local model failed to generate", code="model_error")
+                assert isinstance(item, tuple)
+                yield item
+        finally:
+            cancel.set()
 
     async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         tokens, kwargs = self._prepare(body)

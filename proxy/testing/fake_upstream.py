@@ -1,0 +1,256 @@
+"""A scripted fake OpenAI-compatible upstream, on the standard library alone.
+
+Tests and benchmarks start it on loopback and point a model's ``api_base`` at it.
+Each request takes the next scripted step (``enqueue``); with none queued it answers
+a fixed completion, streamed when asked. Every request is kept in ``history``.
+
+    with FakeUpstream() as up:
+        up.enqueue(Reply({"choices": ...}), Status(503), Delay(2.0), Malformed(),
+                   Stream([chunk, chunk], cut=True))
+        ...
+        up.history[0].body["model"]
+
+Run alone for benchmarks: ``python -m proxy.testing.fake_upstream --port 9100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DEFAULT_TEXT = "Hello from the fake upstream."
+
+
+@dataclass
+class Reply:
+    """A JSON body with a status (any status: errors are replies too)."""
+
+    body: dict[str, Any]
+    status: int = 200
+
+
+@dataclass
+class Status:
+    """An OpenAI-style error with this status."""
+
+    status: int
+    message: str = "scripted error"
+    code: str | None = None
+
+
+@dataclass
+class Malformed:
+    """A 200 whose body is not JSON."""
+
+    body: bytes = b"<html>this is not json</html>"
+
+
+@dataclass
+class Stream:
+    """SSE chunks; ``cut`` drops the connection after them without ``[DONE]``."""
+
+    chunks: list[dict[str, Any]]
+    cut: bool = False
+
+
+@dataclass
+class Delay:
+    """Wait, then take the step given (default: the default reply)."""
+
+    seconds: float
+    then: Any = None
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]  # names lower-cased
+    body: Any
+
+
+def completion(content: str = DEFAULT_TEXT, model: str = "fake-model", **message: Any) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": content, **message}
+    finish = "tool_calls" if message.get("tool_calls") else "stop"
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
+        "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+    }
+
+
+def chunk(content: str | None = None, finish: str | None = None, model: str = "fake-model",
+          **delta: Any) -> dict[str, Any]:
+    d: dict[str, Any] = dict(delta)
+    if content is not None:
+        d["content"] = content
+    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": model, "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+
+def default_stream(content: str = DEFAULT_TEXT, usage: bool = False) -> list[dict[str, Any]]:
+    words = content.split(" ")
+    chunks = [chunk("", role="assistant")]
+    chunks += [chunk(w if i == 0 else " " + w) for i, w in enumerate(words)]
+    chunks.append(chunk(finish="stop"))
+    if usage:
+        chunks.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                       "created": 1700000000, "model": "fake-model", "choices": [],
+                       "usage": {"prompt_tokens": 5, "completion_tokens": len(words),
+                                 "total_tokens": 5 + len(words)}})
+    return chunks
+
+
+@dataclass
+class _Script:
+    steps: deque[Any] = field(default_factory=deque)
+    history: list[Recorded] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    record: bool = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/").endswith("/models"):
+            self._json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+        else:
+            self._json(404, {"error": {"message": "not found", "type": "not_found_error"}})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        script = self.server.script
+        with script.lock:
+            if script.record:
+                script.history.append(Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            step = script.steps.popleft() if script.steps else None
+        self._run(step, body if isinstance(body, dict) else {})
+
+    def _run(self, step: Any, body: dict[str, Any]) -> None:
+        if isinstance(step, Delay):
+            time.sleep(step.seconds)
+            step = step.then
+        if step is None:
+            if body.get("stream"):
+                include = bool((body.get("stream_options") or {}).get("include_usage"))
+                step = Stream(default_stream(usage=include))
+            else:
+                step = Reply(completion())
+        if isinstance(step, Reply):
+            self._json(step.status, step.body)
+        elif isinstance(step, Status):
+            etype = "invalid_request_error" if step.status < 500 else "server_error"
+            self._json(step.status, {"error": {"message": step.message, "type": etype,
+                                                "param": None, "code": step.code}})
+        elif isinstance(step, Malformed):
+            self._send(200, step.body, "application/json")
+        elif isinstance(step, Stream):
+            self._stream(step)
+        else:
+            raise TypeError(f"unknown step {step!r}")
+
+    def _json(self, status: int, payload: dict[str, Any]) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, step: Stream) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for c in step.chunks:
+            self._chunk(b"data: " + json.dumps(c).encode() + b"\n\n")
+        if step.cut:
+            # Half a chunk, then hang up: the client sees a broken body.
+            self.wfile.write(b"40\r\ndata: {\"id\"")
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+    script: _Script
+
+
+class FakeUpstream:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True) -> None:
+        self._server = _Server((host, port), _Handler)
+        self._server.script = _Script(record=record)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """The base URL to configure as ``api_base``."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def history(self) -> list[Recorded]:
+        return self._server.script.history
+
+    def enqueue(self, *steps: Any) -> None:
+        with self._server.script.lock:
+            self._server.script.steps.extend(steps)
+
+    def start(self) -> FakeUpstream:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Scripted fake OpenAI-compatible upstream.")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    upstream = FakeUpstream(port=args.port, record=False)
+    print(upstream.port, flush=True)
+    upstream._server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
