@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from memory.layer import MemoryLayer, NullMemory
+from proxy.auth import KeyRing
 from proxy.backends import ChatBackend, build_backend
 from proxy.errors import (
     InvalidRequestError,
@@ -22,8 +23,8 @@ from proxy.errors import (
     error_type_for_status,
 )
 from proxy.observability import Metrics, ProxyMiddleware
-from proxy.protocol import invalid_from_validation
-from proxy.routes import router
+from proxy.protocol import invalid_from_error
+from proxy.routes import public, router
 from proxy.serving import ChatService
 from proxy.settings import Settings
 
@@ -59,7 +60,9 @@ def create_app(
     app.state.chat = chat
     app.state.metrics = Metrics()
     app.state.started_at = int(time.time())
+    app.state.keys = KeyRing(settings)
     app.include_router(router)
+    app.include_router(public)
     app.add_middleware(
         ProxyMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes
     )
@@ -80,16 +83,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> Response:
-        from pydantic import ValidationError
-
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid", "type": ""}
-        err = invalid_from_validation(
-            ValidationError.from_exception_data("request", [
-                {"type": "value_error", "loc": tuple(first.get("loc", ())),
-                 "input": None, "ctx": {"error": first.get("msg", "invalid")}}
-            ])
-        )
-        return respond(request, err)
+        details = exc.errors()
+        if not details:
+            return respond(request, InvalidRequestError("Invalid request."))
+        return respond(request, invalid_from_error(details[0], getattr(exc, "body", None)))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:

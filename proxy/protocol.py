@@ -17,7 +17,7 @@ from proxy.errors import InvalidRequestError
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
@@ -25,7 +25,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     include_usage: bool = False
 
@@ -33,7 +33,7 @@ class StreamOptions(BaseModel):
 class MemoryOptions(BaseModel):
     """The `memory` extension object: how this request reads and writes memory."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     enabled: bool = True
     write: bool = True
@@ -44,7 +44,7 @@ class MemoryOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -63,9 +63,27 @@ class ChatCompletionRequest(BaseModel):
     memory: MemoryOptions | None = None
 
 
-def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
-    """OpenAI writes a path into the body as ``messages.[0].content``."""
-    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in loc]
+def _param_from_loc(loc: tuple[int | str, ...], body: Any) -> str | None:
+    """OpenAI writes a path into the body as ``messages.[0].content``.
+
+    pydantic's locations also name union members (``content.str``); only the
+    steps that exist in the body (or the missing key itself) are kept.
+    """
+    if body is None:  # a query or path parameter: nothing to walk
+        return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc) or None
+    parts: list[str] = []
+    node = body
+    for step in loc:
+        if isinstance(node, dict) and isinstance(step, str):
+            parts.append(step)
+            node = node.get(step)
+            if node is None:
+                break
+        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+            parts.append(f"[{step}]")
+            node = node[step]
+        else:
+            break
     return ".".join(parts) or None
 
 
@@ -82,14 +100,20 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionReques
     try:
         req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        raise invalid_from_validation(exc) from None
+        raise invalid_from_validation(exc, body) from None
     return body, req
 
 
-def invalid_from_validation(exc: ValidationError) -> InvalidRequestError:
-    err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if p != "body")
-    param = _param_from_loc(loc)
+def invalid_from_validation(exc: ValidationError, body: Any) -> InvalidRequestError:
+    return invalid_from_error(exc.errors()[0], body)
+
+
+def invalid_from_error(err: Any, body: Any) -> InvalidRequestError:
+    """One pydantic error detail (``loc``, ``msg``, ``type``) as a 400 naming its param."""
+    loc = tuple(err["loc"])
+    if loc and loc[0] in ("body", "query", "path"):
+        loc = loc[1:]
+    param = _param_from_loc(loc, body)
     msg = err["msg"]
     if err["type"] == "missing":
         message = f"Missing required parameter: '{param}'."

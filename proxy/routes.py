@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.auth import require_key
 from proxy.protocol import ChatCompletionRequest
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_key)])
+public = APIRouter()
 
 _chat_schema = {
     "requestBody": {
@@ -38,7 +40,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/healthz")
+@public.get("/healthz")
 async def healthz(request: Request) -> JSONResponse:
     backends = request.app.state.chat.backends
     models = {name: ("ready" if b.ready else "loading") for name, b in backends.items()}

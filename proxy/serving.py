@@ -58,7 +58,7 @@ class ChatService:
         body.pop("memory", None)
         turn = Turn(
             request_id=state["request_id"],
-            tenant="default",
+            tenant=state["principal"].tenant,
             user=request.headers.get(USER_HEADER) or req.user or "default",
             session_id=request.headers.get(SESSION_HEADER),
             model=req.model,

@@ -138,7 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
         script = self.server.script
         with script.lock:
             if script.record:
-                script.history.append(Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                script.history.append(Recorded(self.path, headers, body))
             step = script.steps.popleft() if script.steps else None
         self._run(step, body if isinstance(body, dict) else {})
 
