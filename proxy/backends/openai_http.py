@@ -17,7 +17,6 @@ import httpx
 
 from proxy.backends.base import ChatBackend, Completion
 from proxy.errors import (
-    ProxyError,
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
@@ -145,7 +144,7 @@ def _parse_chunk(data: str) -> dict[str, Any]:
     if "error" in chunk and "choices" not in chunk:
         err = chunk["error"]
         msg = err.get("message") if isinstance(err, dict) else str(err)
-        raise ProxyError(f"upstream: {msg}", type="api_error", code="upstream_error")
+        raise UpstreamError(f"upstream: {msg}")
     return chunk
 
 
