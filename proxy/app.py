@@ -24,7 +24,7 @@ from proxy.errors import (
 )
 from proxy.observability import Metrics, ProxyMiddleware
 from proxy.protocol import invalid_from_error
-from proxy.routes import public, router
+from proxy.routes import chat_completions, public, router
 from proxy.serving import ChatService
 from proxy.settings import Settings
 
@@ -61,6 +61,7 @@ def create_app(
     app.state.metrics = Metrics()
     app.state.started_at = int(time.time())
     app.state.keys = KeyRing(settings)
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.include_router(router)
     app.include_router(public)
     app.add_middleware(

@@ -59,8 +59,14 @@ class KeyRing:
         return principal
 
 
-async def require_key(request: Request) -> Principal:
-    """Route dependency: the caller's principal, or a 401."""
-    principal = request.app.state.keys.authenticate(request.headers.get("authorization"))
+def authenticate(request: Request) -> Principal:
+    """The caller's principal (kept in the request state), or a 401."""
+    keys: KeyRing = request.app.state.keys
+    principal = keys.authenticate(request.headers.get("authorization"))
     request.scope["state"]["principal"] = principal
     return principal
+
+
+async def require_key(request: Request) -> Principal:
+    """Route dependency form of :func:`authenticate`."""
+    return authenticate(request)

@@ -105,7 +105,7 @@ class ProxyMiddleware:
                 return
             finished = True
             seconds = time.perf_counter() - start
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = _route_label(scope)
             self.metrics.observe(state, route, status, seconds)
             access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
                             seconds * 1000)
@@ -142,6 +142,16 @@ class ProxyMiddleware:
             record()
             self.metrics.in_flight.dec()
             request_id_var.reset(token)
+
+
+def _route_label(scope: Scope) -> str:
+    """The route template, never the raw path of an unmatched request (label cardinality)."""
+    route = getattr(scope.get("route"), "path", None)
+    if route:
+        return str(route)
+    # Plain Starlette routes (the chat hot path) set only the endpoint; they have no
+    # path parameters, so the path is the template.
+    return str(scope["path"]) if scope.get("endpoint") else "unmatched"
 
 
 def _content_length(scope: Scope) -> int | None:

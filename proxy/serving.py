@@ -78,19 +78,22 @@ class ChatService:
     async def _complete(self, request: Request, backend: ChatBackend, body: dict[str, Any],
                         turn: Turn, messages: list[dict[str, Any]],
                         headers: dict[str, str]) -> Response:
-        work = asyncio.ensure_future(backend.complete(body))
-        gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not work.done():
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-            log.info("client disconnected; generation stopped")
-            await self.memory.remember(turn, messages, None)
-            return Response(status_code=CLIENT_CLOSED)
-        completion = work.result()
+        if backend.cancel_on_disconnect:
+            work = asyncio.ensure_future(backend.complete(body))
+            gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                log.info("client disconnected; generation stopped")
+                await self.memory.remember(turn, messages, None)
+                return Response(status_code=CLIENT_CLOSED)
+            completion = work.result()
+        else:
+            completion = await backend.complete(body)
         await self.memory.remember(turn, messages, completion_text(completion.data))
         content = completion.raw if completion.raw is not None else json.dumps(completion.data)
         return Response(content=content, media_type="application/json", headers=headers)

@@ -36,6 +36,13 @@ class Live:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
+def refused_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextmanager
 def serve(app: FastAPI) -> Iterator[Live]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

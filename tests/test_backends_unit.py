@@ -1,10 +1,10 @@
-"""Backend selection and the direct relay's edge cases, with httpx's MockTransport."""
+"""Backend selection, and the direct relay's edge cases against the scripted upstream."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
 from proxy.backends import build_backend, uses_direct_transport
@@ -18,14 +18,23 @@ from proxy.errors import (
     upstream_error_from_status,
 )
 from proxy.settings import ModelConfig, UpstreamSettings
+from proxy.testing.fake_upstream import Delay, FakeUpstream, Raw, Reply, Status, Stream, chunk
+from tests.live import refused_port
 
 BODY = {"model": "alias", "messages": [{"role": "user", "content": "x"}]}
 
 
-def relay(handler: httpx.MockTransport, retries: int = 0) -> OpenAIHTTPBackend:
-    return OpenAIHTTPBackend(upstream_model="real", api_base="http://up/v1", api_key="k",
-                             timeout=5, connect_timeout=1, max_retries=retries,
-                             transport=handler)
+@pytest.fixture
+async def relay(upstream: FakeUpstream) -> AsyncIterator[OpenAIHTTPBackend]:
+    backend = make_relay(upstream.url)
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+def make_relay(api_base: str, retries: int = 0, timeout: float = 5) -> OpenAIHTTPBackend:
+    return OpenAIHTTPBackend(upstream_model="real", api_base=api_base, api_key="k",
+                             timeout=timeout, connect_timeout=1, max_retries=retries)
 
 
 @pytest.mark.parametrize(
@@ -52,102 +61,104 @@ def test_forced_direct_without_base_is_refused() -> None:
         build_backend(cfg, UpstreamSettings())
 
 
-async def test_relay_rewrites_model_only_and_sends_key() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json={"choices": [], "id": "x"})
-
-    backend = relay(httpx.MockTransport(handler))
-    reply = await backend.complete({**BODY, "custom": 1})
+async def test_relay_rewrites_model_only_and_sends_key(relay: OpenAIHTTPBackend,
+                                                       upstream: FakeUpstream) -> None:
+    upstream.enqueue(Reply({"choices": [], "id": "x"}))
+    reply = await relay.complete({**BODY, "custom": 1})
     assert reply.data == {"choices": [], "id": "x"}
     assert json.loads(reply.raw or b"") == reply.data
-    sent = json.loads(seen[0].content)
-    assert sent == {"model": "real", "messages": BODY["messages"], "custom": 1}
-    assert seen[0].headers["authorization"] == "Bearer k"
-    assert str(seen[0].url) == "http://up/v1/chat/completions"
+    sent = upstream.history[0]
+    assert sent.body == {"model": "real", "messages": BODY["messages"], "custom": 1}
+    assert sent.headers["authorization"] == "Bearer k"
+    assert sent.path == "/v1/chat/completions"
+
+
+async def test_relay_gives_up_after_retries_on_refused_connections() -> None:
+    backend = make_relay(f"http://127.0.0.1:{refused_port()}/v1", retries=1)
+    with pytest.raises(UpstreamUnavailableError):
+        await backend.complete(BODY)
     await backend.close()
 
 
-async def test_relay_retries_connect_errors_then_succeeds() -> None:
-    calls = 0
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        if calls < 3:
-            raise httpx.ConnectError("refused", request=request)
-        return httpx.Response(200, json={"choices": []})
-
-    assert (await relay(httpx.MockTransport(handler), retries=2).complete(BODY)).data == \
-        {"choices": []}
-    assert calls == 3
-
-
-async def test_relay_gives_up_after_retries() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    with pytest.raises(UpstreamUnavailableError):
-        await relay(httpx.MockTransport(handler), retries=1).complete(BODY)
-
-
-async def test_relay_does_not_retry_4xx() -> None:
-    calls = 0
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        return httpx.Response(400, json={"error": {"message": "bad", "param": "messages"}})
-
+async def test_relay_retries_5xx_but_not_4xx(upstream: FakeUpstream) -> None:
+    backend = make_relay(upstream.url, retries=3)
+    upstream.enqueue(Status(502), Status(503), Reply({"choices": []}))
+    assert (await backend.complete(BODY)).data == {"choices": []}
+    assert len(upstream.history) == 3
+    upstream.enqueue(Status(400, "bad", code="c"), Reply({"choices": []}))
     with pytest.raises(UpstreamStatusError) as info:
-        await relay(httpx.MockTransport(handler), retries=3).complete(BODY)
-    assert calls == 1
-    assert (info.value.status, info.value.param) == (400, "messages")
+        await backend.complete(BODY)
+    assert len(upstream.history) == 4
+    assert (info.value.status, info.value.code) == (400, "c")
+    await backend.close()
 
 
-async def test_relay_read_timeout_is_504() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=request)
-
+async def test_relay_slow_reply_is_504(upstream: FakeUpstream) -> None:
+    backend = make_relay(upstream.url, timeout=0.3)
+    upstream.enqueue(Delay(1.0))
     with pytest.raises(UpstreamTimeoutError):
-        await relay(httpx.MockTransport(handler)).complete(BODY)
+        await backend.complete(BODY)
+    await backend.close()
+
+
+async def test_relay_slow_stream_chunk_is_a_timeout(upstream: FakeUpstream) -> None:
+    backend = make_relay(upstream.url, timeout=0.3)
+    upstream.enqueue(Delay(1.0, Stream([chunk("late")])))
+    with pytest.raises(UpstreamTimeoutError):
+        await collect(backend)
+    await backend.close()
 
 
 @pytest.mark.parametrize("payload", [b"[]", b'{"no": "choices"}', b"\xff\xfe"])
-async def test_relay_malformed_reply_is_502(payload: bytes) -> None:
-    backend = relay(httpx.MockTransport(lambda r: httpx.Response(200, content=payload)))
+async def test_relay_malformed_reply_is_502(relay: OpenAIHTTPBackend, upstream: FakeUpstream,
+                                            payload: bytes) -> None:
+    upstream.enqueue(Raw(payload, content_type="application/json"))
     with pytest.raises(UpstreamError) as info:
-        await backend.complete(BODY)
+        await relay.complete(BODY)
     assert info.value.status == 502
 
 
-async def _collect(backend: OpenAIHTTPBackend) -> list[dict[str, object]]:
+async def collect(backend: OpenAIHTTPBackend) -> list[dict[str, object]]:
     return [c async for c in backend.stream({**BODY, "stream": True})]
 
 
-async def test_relay_stream_without_done_is_an_error() -> None:
-    sse = b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'
-    backend = relay(httpx.MockTransport(lambda r: httpx.Response(200, content=sse)))
+async def test_relay_stream_without_done_is_an_error(relay: OpenAIHTTPBackend,
+                                                     upstream: FakeUpstream) -> None:
+    upstream.enqueue(Raw(b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'))
     got: list[dict[str, object]] = []
     with pytest.raises(UpstreamError, match=r"before \[DONE\]"):
-        async for c in backend.stream({**BODY, "stream": True}):
+        async for c in relay.stream({**BODY, "stream": True}):
             got.append(c)
     assert got == [{"choices": [{"delta": {"content": "a"}}]}]
 
 
-async def test_relay_stream_error_event_is_an_error() -> None:
-    sse = b'data: {"error": {"message": "overloaded"}}\n\ndata: [DONE]\n\n'
-    backend = relay(httpx.MockTransport(lambda r: httpx.Response(200, content=sse)))
+async def test_relay_stream_error_event_is_an_error(relay: OpenAIHTTPBackend,
+                                                    upstream: FakeUpstream) -> None:
+    upstream.enqueue(Raw(b'data: {"error": {"message": "overloaded"}}\n\ndata: [DONE]\n\n'))
     with pytest.raises(UpstreamError, match="overloaded"):
-        await _collect(backend)
+        await collect(relay)
 
 
-async def test_relay_stream_ignores_comments_and_blank_lines() -> None:
-    sse = b': keep-alive\n\ndata: {"choices": []}\n\nevent: x\ndata: [DONE]\n\n'
-    backend = relay(httpx.MockTransport(lambda r: httpx.Response(200, content=sse)))
-    assert await _collect(backend) == [{"choices": []}]
+async def test_relay_stream_malformed_chunk_is_an_error(relay: OpenAIHTTPBackend,
+                                                        upstream: FakeUpstream) -> None:
+    upstream.enqueue(Raw(b"data: {not json\n\ndata: [DONE]\n\n"))
+    with pytest.raises(UpstreamError, match="malformed"):
+        await collect(relay)
+
+
+async def test_relay_stream_ignores_comments_and_other_fields(relay: OpenAIHTTPBackend,
+                                                              upstream: FakeUpstream) -> None:
+    upstream.enqueue(Raw(b': keep-alive\n\ndata: {"choices": []}\n\nevent: x\ndata: [DONE]\n\n'))
+    assert await collect(relay) == [{"choices": []}]
+
+
+async def test_relay_stream_4xx_before_first_chunk(relay: OpenAIHTTPBackend,
+                                                   upstream: FakeUpstream) -> None:
+    upstream.enqueue(Status(429, "slow down"))
+    with pytest.raises(UpstreamStatusError) as info:
+        await collect(relay)
+    assert info.value.status == 429
+    assert info.value.type == "rate_limit_error"
 
 
 @pytest.mark.parametrize(

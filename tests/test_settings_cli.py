@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import yaml
 
 from proxy.settings import ConfigError, Settings, load_settings
 from tests.conftest import REPO
+from tests.live import refused_port
 
 CLI = [sys.executable, "-m", "proxy.cli"]
 
@@ -101,14 +101,8 @@ def test_cli_help_lists_flags() -> None:
         assert flag in r.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_default_config_is_healthy_within_15s(tmp_path: Path) -> None:
-    port = _free_port()
+    port = refused_port()
     env = {**os.environ, "MEMCUBE_DATA_DIR": str(tmp_path / "data")}
     proc = subprocess.Popen([*CLI, "serve", "--config", str(REPO / "configs" / "default.yaml"),
                              "--port", str(port)], cwd=tmp_path, env=env,

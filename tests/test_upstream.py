@@ -7,7 +7,6 @@ OpenAI-compatible upstreams) and litellm (for providers that need translation).
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from proxy.testing.fake_upstream import (
     completion,
 )
 from tests.conftest import upstream_settings
-from tests.live import Live, serve
+from tests.live import Live, refused_port, serve
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -182,18 +181,10 @@ def test_metrics_count_upstream_errors(proxy: Live, upstream: FakeUpstream) -> N
     assert 'memcube_request_errors_total{model="up",route="/v1/chat/completions",' in text
 
 
-def _refused_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 def test_connection_refused_is_502(tmp_path: Path, upstream: FakeUpstream,
                                    transport: str) -> None:
     settings = upstream_settings(tmp_path, upstream, transport,
-                                 api_base=f"http://127.0.0.1:{_refused_port()}/v1")
+                                 api_base=f"http://127.0.0.1:{refused_port()}/v1")
     with serve(create_app(settings)) as live:
         r = post(live, {"model": "up", "messages": MESSAGES})
         rs = post(live, {"model": "up", "messages": MESSAGES, "stream": True})

@@ -26,6 +26,10 @@ class ChatBackend(ABC):
     """One configured model. ``start`` and ``close`` bracket the app's lifetime."""
 
     kind: str = "backend"
+    # Stop work when the client of a non-stream request leaves. Worth a watcher task
+    # per request where work is expensive here (local generation); a remote upstream
+    # does not stop generating because we hang up, so its backends leave it off.
+    cancel_on_disconnect: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load or connect; called once at startup."""

@@ -59,6 +59,7 @@ class GenerationStats:
 
 class LlamaCppBackend(ChatBackend):
     kind = "llamacpp"
+    cancel_on_disconnect = True
 
     def __init__(self, *, name: str, path: Path | None, n_ctx: int,
                  n_threads: int | None = None) -> None:

@@ -1,8 +1,12 @@
-"""Direct relay to an OpenAI-compatible upstream over pooled async HTTP.
+"""Direct relay to an OpenAI-compatible upstream over pooled async HTTP (aiohttp).
 
 The fast path for OpenAI, vLLM, Ollama's /v1, llama.cpp server and most hosted
 providers: the body is forwarded with only ``model`` rewritten, the reply relayed.
 litellm costs several milliseconds of CPU per call, so it stays off this path.
+
+aiohttp rather than httpx: under 20 concurrent requests httpcore's pool spent
+more CPU choosing a connection than the rest of the proxy did serving the request
+(bench/overhead.py), and aiohttp is already installed as a dependency of litellm.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from proxy.backends.base import ChatBackend, Completion
 from proxy.errors import (
@@ -41,43 +45,50 @@ class OpenAIHTTPBackend(ChatBackend):
         connect_timeout: float,
         max_retries: int,
         max_connections: int = 200,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.upstream_model = upstream_model
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.max_retries = max_retries
-        headers = {"content-type": "application/json"}
+        self.max_connections = max_connections
+        self._headers = {"content-type": "application/json"}
         if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=transport,
+            self._headers["authorization"] = f"Bearer {api_key}"
+        # Non-stream: the whole reply within `timeout`. Stream: no more than `timeout`
+        # between two reads, however long the stream runs.
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout)
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300),
+            headers=self._headers,
+            auto_decompress=True,
         )
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def _payload(self, body: dict[str, Any]) -> bytes:
         return json.dumps({**body, "model": self.upstream_model}).encode()
 
-    async def _send(self, payload: bytes, *, stream: bool) -> httpx.Response:
+    async def _send(self, payload: bytes, *, stream: bool) -> aiohttp.ClientResponse:
         """Send with retries on connect errors and retryable statuses, before any reply."""
+        if self._session is None:
+            await self.start()
+        assert self._session is not None
+        timeout = self._stream_timeout if stream else self._timeout
         attempt = 0
         while True:
-            request = self._client.build_request("POST", self.url, content=payload)
             try:
-                response = await self._client.send(request, stream=stream)
-            except httpx.TimeoutException as exc:
-                if attempt < self.max_retries and isinstance(exc, httpx.ConnectTimeout):
-                    attempt += 1
-                    await asyncio.sleep(_backoff(attempt))
-                    continue
+                response = await self._session.post(self.url, data=payload, timeout=timeout)
+            except (TimeoutError, aiohttp.ServerTimeoutError):
                 raise UpstreamTimeoutError("upstream timed out") from None
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 if attempt < self.max_retries:
                     attempt += 1
                     await asyncio.sleep(_backoff(attempt))
@@ -85,8 +96,8 @@ class OpenAIHTTPBackend(ChatBackend):
                 raise UpstreamUnavailableError(
                     f"upstream unreachable: {type(exc).__name__}"
                 ) from None
-            if response.status_code in _RETRY_STATUSES and attempt < self.max_retries:
-                await response.aclose()
+            if response.status in _RETRY_STATUSES and attempt < self.max_retries:
+                response.release()
                 attempt += 1
                 await asyncio.sleep(_backoff(attempt))
                 continue
@@ -94,9 +105,16 @@ class OpenAIHTTPBackend(ChatBackend):
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         response = await self._send(self._payload(body), stream=False)
-        raw = response.content
-        if response.status_code >= 300:
-            raise upstream_error_from_status(response.status_code, raw)
+        try:
+            raw = await response.read()
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeoutError("upstream timed out") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream reply broke: {type(exc).__name__}") from None
+        finally:
+            response.release()
+        if response.status >= 300:
+            raise upstream_error_from_status(response.status, raw)
         try:
             data = json.loads(raw)
         except ValueError:
@@ -108,33 +126,33 @@ class OpenAIHTTPBackend(ChatBackend):
     async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         response = await self._send(self._payload(body), stream=True)
         try:
-            if response.status_code >= 300:
+            if response.status >= 300:
                 try:
-                    payload = await response.aread()
-                except httpx.HTTPError:
+                    payload = await response.read()
+                except aiohttp.ClientError:
                     payload = b""
-                raise upstream_error_from_status(response.status_code, payload)
+                raise upstream_error_from_status(response.status, payload)
             done = False
             try:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                async for line in response.content:
+                    if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
                         done = True
                         break
                     yield _parse_chunk(data)
-            except httpx.TimeoutException:
+            except (TimeoutError, aiohttp.ServerTimeoutError):
                 raise UpstreamTimeoutError("upstream timed out mid-stream") from None
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from None
             if not done:
                 raise UpstreamError("upstream stream ended before [DONE]")
         finally:
-            await response.aclose()
+            response.release()
 
 
-def _parse_chunk(data: str) -> dict[str, Any]:
+def _parse_chunk(data: bytes) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError:

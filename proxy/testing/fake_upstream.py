@@ -6,7 +6,7 @@ a fixed completion, streamed when asked. Every request is kept in ``history``.
 
     with FakeUpstream() as up:
         up.enqueue(Reply({"choices": ...}), Status(503), Delay(2.0), Malformed(),
-                   Stream([chunk, chunk], cut=True))
+                   Raw(b"data: ..."), Stream([chunk, chunk], cut=True))
         ...
         up.history[0].body["model"]
 
@@ -50,6 +50,15 @@ class Malformed:
     """A 200 whose body is not JSON."""
 
     body: bytes = b"<html>this is not json</html>"
+
+
+@dataclass
+class Raw:
+    """Bytes sent as they are, with this status and content type (SSE edge cases)."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = "text/event-stream"
 
 
 @dataclass
@@ -119,6 +128,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's
+        # algorithm and delayed ACKs add ~40 ms to every reply.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
@@ -161,6 +176,8 @@ class _Handler(BaseHTTPRequestHandler):
                                                 "param": None, "code": step.code}})
         elif isinstance(step, Malformed):
             self._send(200, step.body, "application/json")
+        elif isinstance(step, Raw):
+            self._send(step.status, step.body, step.content_type)
         elif isinstance(step, Stream):
             self._stream(step)
         else:
@@ -203,6 +220,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
     script: _Script
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients hanging up mid-reply are part of the scripts
 
 
 class FakeUpstream:

