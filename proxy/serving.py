@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive
 
 from memory.layer import MemoryLayer, Turn
-from proxy.backends.base import ChatBackend, chunk_text, completion_text
+from proxy.backends.base import ChatBackend, StreamEvent, chunk_text, completion_text
 from proxy.errors import ModelNotFoundError, ProxyError, error_body
 from proxy.protocol import parse_chat_request
+from proxy.sse import EventStreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -100,34 +101,31 @@ class ChatService:
 
     async def _stream(self, request: Request, backend: ChatBackend, body: dict[str, Any],
                       turn: Turn, messages: list[dict[str, Any]],
-                      headers: dict[str, str]) -> Response:
-        chunks = backend.stream(body)
+                      headers: dict[str, str]) -> EventStreamResponse:
+        groups = backend.stream_events(body)
         try:
-            # Pull the first chunk now so that a failure to start is a proper HTTP error.
-            first: dict[str, Any] | None = await chunks.__anext__()
+            # Pull the first chunks now so that a failure to start is a proper HTTP error.
+            first: list[StreamEvent] = await groups.__anext__()
         except StopAsyncIteration:
-            first = None
+            first = []
         except BaseException:
-            await chunks.aclose()
+            await groups.aclose()
             raise
         state = request.scope["state"]
-        frames = self._frames(chunks, first, state, turn, messages)
-        return StreamingResponse(frames, media_type="text/event-stream",
-                                 headers={**headers, "cache-control": "no-cache"})
+        frames = self._frames(groups, first, state, turn, messages)
+        return EventStreamResponse(frames, headers)
 
-    async def _frames(self, chunks: AsyncGenerator[dict[str, Any], None], first: dict[str, Any] | None,
-                      state: dict[str, Any], turn: Turn,
-                      messages: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async def _frames(self, groups: AsyncGenerator[list[StreamEvent], None],
+                      first: list[StreamEvent], state: dict[str, Any], turn: Turn,
+                      messages: list[dict[str, Any]]) -> AsyncGenerator[bytes, None]:
         text: list[str] = []
         finished = False
         try:
             try:
-                if first is not None:
-                    text.append(chunk_text(first))
-                    yield sse_frame(first)
-                async for chunk in chunks:
-                    text.append(chunk_text(chunk))
-                    yield sse_frame(chunk)
+                if first:
+                    yield self._encode(first, text)
+                async for group in groups:
+                    yield self._encode(group, text)
                 reply: str | None = "".join(text)
             except ProxyError as exc:
                 log.warning("stream failed: %s", exc.message)
@@ -143,7 +141,18 @@ class ChatService:
             finished = True
             yield DONE_FRAME
         finally:
-            await chunks.aclose()
+            await groups.aclose()
             if not finished:
                 # The client left mid-stream: keep what it said, not the half reply.
                 await self.memory.remember(turn, messages, None)
+
+    @staticmethod
+    def _encode(group: list[StreamEvent], text: list[str]) -> bytes:
+        """One write for a group of chunks; relayed JSON is not encoded again."""
+        out = []
+        for event in group:
+            text.append(chunk_text(event.data))
+            raw = event.raw if event.raw is not None else json.dumps(
+                event.data, separators=(",", ":")).encode()
+            out.append(b"data: " + raw + b"\n\n")
+        return b"".join(out)

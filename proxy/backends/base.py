@@ -22,6 +22,14 @@ class Completion:
     raw: bytes | None = None
 
 
+@dataclass(slots=True)
+class StreamEvent:
+    """One stream chunk. ``raw`` holds the upstream's JSON when it can be relayed as-is."""
+
+    data: dict[str, Any]
+    raw: bytes | None = None
+
+
 class ChatBackend(ABC):
     """One configured model. ``start`` and ``close`` bracket the app's lifetime."""
 
@@ -48,6 +56,19 @@ class ChatBackend(ABC):
     @abstractmethod
     def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Yield chunks of a stream request; the caller may stop early (client gone)."""
+
+    async def stream_events(
+        self, body: dict[str, Any]
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        """The stream in groups, as the chunks arrived: the server writes one group at
+        a time. Backends that read many chunks at once override this; by default each
+        chunk is its own group."""
+        chunks = self.stream(body)
+        try:
+            async for chunk in chunks:
+                yield [StreamEvent(chunk)]
+        finally:
+            await chunks.aclose()
 
 
 def completion_text(data: dict[str, Any]) -> str:

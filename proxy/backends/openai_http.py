@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.backends.base import ChatBackend, Completion
+from proxy.backends.base import ChatBackend, Completion, StreamEvent
 from proxy.errors import (
     UpstreamError,
     UpstreamTimeoutError,
@@ -124,6 +124,17 @@ class OpenAIHTTPBackend(ChatBackend):
         return Completion(data=data, raw=raw)
 
     async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        events = self.stream_events(body)
+        try:
+            async for group in events:
+                for event in group:
+                    yield event.data
+        finally:
+            await events.aclose()
+
+    async def stream_events(
+        self, body: dict[str, Any]
+    ) -> AsyncGenerator[list[StreamEvent], None]:
         response = await self._send(self._payload(body), stream=True)
         try:
             if response.status >= 300:
@@ -133,15 +144,25 @@ class OpenAIHTTPBackend(ChatBackend):
                     payload = b""
                 raise upstream_error_from_status(response.status, payload)
             done = False
+            pending = b""
             try:
-                async for line in response.content:
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
+                # Whatever one read brings (often several events) is relayed as one group.
+                async for block in response.content.iter_any():
+                    lines = (pending + block).split(b"\n")
+                    pending = lines.pop()
+                    group: list[StreamEvent] = []
+                    for line in lines:
+                        if not line.startswith(b"data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            done = True
+                            break
+                        group.append(StreamEvent(_parse_chunk(data), data))
+                    if group:
+                        yield group
+                    if done:
                         break
-                    yield _parse_chunk(data)
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 raise UpstreamTimeoutError("upstream timed out mid-stream") from None
             except aiohttp.ClientError as exc:
