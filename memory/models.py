@@ -1,0 +1,107 @@
+"""The plaintext memory data model: MemCubes and the memory items they hold.
+
+A MemCube is a named container of memory items owned by a tenant: each user has a
+default cube (created on first write), and tenants can create shared cubes that
+requests mount. Items are versioned: an update writes a new version and keeps the
+old ones; delete is a new version with status ``deleted`` (soft).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MemoryType = Literal["fact", "preference", "event", "raw"]
+MemoryStatus = Literal["active", "archived", "deleted"]
+CubeKind = Literal["user", "shared"]
+
+# Deterministic ids: the same input (an exchange replayed after a crash) gives the
+# same id, so an upsert overwrites instead of duplicating.
+ID_NAMESPACE = uuid.UUID("6f1d2b1e-5c6a-4f0e-9a57-1c3f7b2d9e40")
+
+
+def stable_id(*parts: str) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
+
+
+def default_cube_id(tenant: str, user: str) -> str:
+    return stable_id("cube", tenant, user)
+
+
+def version_point_id(memory_id: str, version: int) -> str:
+    """The store's point id of one version of one memory item."""
+    return stable_id("version", memory_id, str(version))
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Source(BaseModel):
+    """Provenance: one message an item was drawn from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str | None = None
+    session_id: str | None = None
+    role: str = "user"
+    at: int = Field(default_factory=now)
+    ref: str | None = Field(default=None, description="Caller's id for the message (e.g. a dia_id).")
+
+
+class MemoryItem(BaseModel):
+    """One version of one memory item, as stored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    tenant: str
+    cube_id: str
+    user: str
+    text: str
+    type: MemoryType = "raw"
+    tags: list[str] = Field(default_factory=list)
+    pinned: bool = False
+    status: MemoryStatus = "active"
+    version: int = 1
+    created_at: int = Field(default_factory=now)
+    updated_at: int = Field(default_factory=now)
+    access_count: int = 0
+    last_accessed_at: int | None = None
+    sources: list[Source] = Field(default_factory=list)
+    extractor: str | None = Field(default=None, description="What produced it: fast, fine, api, import.")
+
+    @property
+    def point_id(self) -> str:
+        return version_point_id(self.id, self.version)
+
+    def api(self) -> dict[str, Any]:
+        """The contract's shape (tenant and internals left out)."""
+        return {
+            "id": self.id, "object": "memory", "cube_id": self.cube_id, "user": self.user,
+            "text": self.text, "type": self.type, "tags": list(self.tags), "pinned": self.pinned,
+            "status": self.status, "version": self.version, "created_at": self.created_at,
+            "updated_at": self.updated_at, "access_count": self.access_count,
+            "last_accessed_at": self.last_accessed_at, "extractor": self.extractor,
+            "sources": [s.model_dump() for s in self.sources],
+        }
+
+
+class Cube(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    tenant: str
+    name: str
+    kind: CubeKind = "user"
+    owner: str | None = Field(default=None, description="The user of a default cube.")
+    description: str = ""
+    created_at: int = Field(default_factory=now)
+
+    def api(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "cube", "name": self.name, "kind": self.kind,
+                "owner": self.owner, "description": self.description,
+                "created_at": self.created_at}
