@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from proxy import offline
+from memory import offline
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import offline
+from memory import offline
 from proxy.app import create_app
 from proxy.settings import ModelConfig, Settings
 from proxy.testing.fake_upstream import FakeUpstream

@@ -37,7 +37,7 @@ GUARD = textwrap.dedent('''
 SCRIPT = GUARD + textwrap.dedent('''
     import os, tempfile, asyncio
     from pathlib import Path
-    from proxy import offline
+    from memory import offline
     offline.configure()
     import litellm  # fetches its cost map at import unless kept local
     import tiktoken

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from proxy import offline
+from memory import offline
 from proxy.backends.base import ChatBackend, Completion
 from proxy.errors import (
     ProxyError,
