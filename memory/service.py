@@ -1,0 +1,357 @@
+"""The memory layer the proxy talks to: recall before the backend, remember after.
+
+Reads (recall, search) run the store and embedder off the event loop. Writes from
+chat go through the durable outbox and a background worker; writes from the memory
+API apply at once. Every write is redacted, deduplicated against the cube, and
+versioned: an update is a new version, a delete a new version marked deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from memory.embedding.base import Embedder
+from memory.errors import InvalidMemoryRequest, MemoryNotFound
+from memory.extract import FineExtractor, Operation, fast, new_user_turns
+from memory.extract import Turn as ExtractTurn
+from memory.inject import TokenCounter, build_block, inject
+from memory.layer import Recall, Turn
+from memory.models import (
+    Cube,
+    MemoryItem,
+    MemoryStatus,
+    MemoryType,
+    Source,
+    default_cube_id,
+    now,
+    stable_id,
+)
+from memory.outbox import Exchange, Outbox, WriteBackWorker
+from memory.redact import redact
+from memory.retrieval import RetrievalConfig, Retriever, normalise
+from memory.store.base import Hit, MemoryStore, Scope
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryConfig:
+    enabled: bool = True
+    top_k: int = 8
+    max_tokens: int = 1024
+    extraction: Literal["fast", "fine"] = "fast"
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+
+class MemoryService:
+    def __init__(self, *, store: MemoryStore, embedder: Embedder, outbox: Outbox,
+                 config: MemoryConfig | None = None,
+                 counter_for: Callable[[str], TokenCounter] | None = None,
+                 fine: FineExtractor | None = None) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.outbox = outbox
+        self.config = config or MemoryConfig()
+        self.retriever = Retriever(store, embedder, self.config.retrieval)
+        self.counter_for = counter_for or (lambda model: lambda text: len(text) // 4 + 1)
+        self.fine = fine
+        self.worker = WriteBackWorker(outbox, self._handle)
+
+    async def start(self) -> None:
+        self.worker.start()
+
+    async def stop(self) -> None:
+        await self.worker.stop()
+
+    async def flush(self) -> None:
+        await self.worker.flush()
+
+    def close(self) -> None:
+        self.outbox.close()
+        self.store.close()
+        self.embedder.close()
+
+    # -- the request path -------------------------------------------------------------
+
+    def _cubes(self, turn: Turn) -> list[str]:
+        cubes = [default_cube_id(turn.tenant, turn.user)]
+        for cube_id in turn.options.get("cubes") or []:
+            if cube_id not in cubes:
+                cubes.append(cube_id)
+        return cubes
+
+    async def recall(self, turn: Turn, messages: list[dict[str, Any]]) -> Recall:
+        options = turn.options
+        if not self.config.enabled or not options.get("enabled", True):
+            return Recall(messages=messages)
+        top_k = options.get("top_k", self.config.top_k)
+        query = " ".join(new_user_turns(messages))
+        if not query or top_k == 0:
+            return Recall(messages=messages)
+        cubes = self._cubes(turn)
+        await asyncio.to_thread(self._check_cubes, turn.tenant, cubes[1:])
+        hits = await asyncio.to_thread(
+            self.retriever.search, Scope(tenant=turn.tenant, cube_ids=cubes), query, top_k)
+        budget = options.get("max_tokens", self.config.max_tokens)
+        block, ids = build_block([h.item for h in hits], budget, self.counter_for(turn.model))
+        if ids:
+            await asyncio.to_thread(self.store.touch, turn.tenant, ids, now())
+        return Recall(messages=inject(messages, block), memory_ids=ids)
+
+    def _check_cubes(self, tenant: str, cube_ids: Iterable[str]) -> None:
+        for cube_id in cube_ids:
+            if self.store.get_cube(tenant, cube_id) is None:
+                raise MemoryNotFound(f"No cube '{cube_id}'.", param="memory.cubes")
+
+    async def remember(self, turn: Turn, messages: list[dict[str, Any]],
+                       reply: str | None) -> None:
+        if not self.config.enabled or not turn.options.get("write", True):
+            return
+        write_cube = turn.options.get("write_cube")
+        if write_cube:
+            await asyncio.to_thread(self._check_cubes, turn.tenant, [write_cube])
+        exchange = Exchange(request_id=turn.request_id, tenant=turn.tenant, user=turn.user,
+                            session_id=turn.session_id, model=turn.model,
+                            messages=list(messages), reply=reply,
+                            options=dict(turn.options), at=now())
+        await self.outbox.append(exchange)
+        self.worker.notify()
+
+    # -- write-back ---------------------------------------------------------------------
+
+    async def _handle(self, batch: list[Exchange]) -> None:
+        for exchange in batch:
+            turn = ExtractTurn(request_id=exchange.request_id, session_id=exchange.session_id,
+                               at=exchange.at, messages=exchange.messages, reply=exchange.reply)
+            cube_id = exchange.options.get("write_cube") or default_cube_id(
+                exchange.tenant, exchange.user)
+            if self.fine is not None and self.config.extraction == "fine":
+                async def similar(text: str, ex: Exchange = exchange,
+                                  cube: str = cube_id) -> list[MemoryItem]:
+                    hits = await asyncio.to_thread(
+                        self.retriever.search, Scope(tenant=ex.tenant, cube_ids=[cube]), text, 5)
+                    return [h.item for h in hits]
+
+                ops = await self.fine.extract(turn, similar)
+            else:
+                ops = fast(turn)
+            await asyncio.to_thread(self._apply, exchange.tenant, exchange.user, cube_id,
+                                    exchange.request_id, ops)
+
+    def _ensure_default_cube(self, tenant: str, user: str, cube_id: str) -> None:
+        if cube_id == default_cube_id(tenant, user) and self.store.get_cube(tenant, cube_id) is None:
+            self.store.put_cube(Cube(id=cube_id, tenant=tenant, name=f"{user} (default)",
+                                     kind="user", owner=user))
+
+    def _duplicate(self, tenant: str, cube_id: str, text: str) -> MemoryItem | None:
+        key = normalise(text)
+        for hit in self.store.search_sparse(Scope(tenant=tenant, cube_ids=[cube_id]), text, 5):
+            if normalise(hit.item.text) == key:
+                return hit.item
+        return None
+
+    def _apply(self, tenant: str, user: str, cube_id: str, request_id: str,
+               ops: Sequence[Operation]) -> list[MemoryItem]:
+        self._ensure_default_cube(tenant, user, cube_id)
+        writes: list[MemoryItem] = []
+        stamp = now()
+        for index, op in enumerate(ops):
+            text = redact(op.text).strip()
+            if op.kind == "ADD":
+                if not text or self._duplicate(tenant, cube_id, text):
+                    continue
+                writes.append(MemoryItem(
+                    id=stable_id("memory", tenant, cube_id, request_id, str(index)),
+                    tenant=tenant, cube_id=cube_id, user=user, text=text, type=op.type,
+                    created_at=min((s.at for s in op.sources), default=stamp),
+                    updated_at=stamp, sources=op.sources, extractor=op.extractor))
+            elif op.kind in ("UPDATE", "DELETE") and op.target:
+                current = self.store.get(tenant, op.target)
+                if current is None or any(s.request_id == request_id for s in current.sources):
+                    continue  # gone, or this exchange already applied it (a replay)
+                changes: dict[str, Any] = {
+                    "version": current.version + 1, "updated_at": stamp,
+                    "sources": [*current.sources, *op.sources], "extractor": op.extractor}
+                if op.kind == "UPDATE" and text:
+                    changes["text"] = text
+                else:
+                    changes["status"] = "deleted"
+                writes.append(current.model_copy(update=changes))
+        self._write(writes)
+        return writes
+
+    def _write(self, items: Sequence[MemoryItem]) -> None:
+        if items:
+            self.store.upsert(items, self.embedder.embed([i.text for i in items]))
+
+    # -- the memory API -----------------------------------------------------------------
+
+    def create(self, tenant: str, user: str, text: str, *, cube_id: str | None = None,
+               type: MemoryType = "fact", tags: Sequence[str] = (), pinned: bool = False,
+               created_at: int | None = None, sources: Sequence[Source] = (),
+               memory_id: str | None = None) -> MemoryItem:
+        cube = cube_id or default_cube_id(tenant, user)
+        self._ensure_default_cube(tenant, user, cube)
+        self._check_cubes(tenant, [cube])
+        clean = redact(text).strip()
+        if not clean:
+            raise InvalidMemoryRequest("text must not be empty.", param="text")
+        stamp = now()
+        item = MemoryItem(id=memory_id or str(uuid.uuid4()), tenant=tenant, cube_id=cube,
+                          user=user, text=clean, type=type, tags=list(tags), pinned=pinned,
+                          created_at=created_at or stamp, updated_at=stamp,
+                          sources=list(sources), extractor="api")
+        self._write([item])
+        return item
+
+    def create_many(self, tenant: str, items: Sequence[dict[str, Any]]) -> list[MemoryItem]:
+        """Bulk form of :meth:`create` (one embedding batch)."""
+        made: list[MemoryItem] = []
+        stamp = now()
+        for spec in items:
+            user = spec["user"]
+            cube = spec.get("cube_id") or default_cube_id(tenant, user)
+            self._ensure_default_cube(tenant, user, cube)
+            clean = redact(spec["text"]).strip()
+            if not clean:
+                raise InvalidMemoryRequest("text must not be empty.", param="text")
+            made.append(MemoryItem(
+                id=spec.get("id") or str(uuid.uuid4()), tenant=tenant, cube_id=cube, user=user,
+                text=clean, type=spec.get("type", "fact"), tags=list(spec.get("tags", [])),
+                pinned=spec.get("pinned", False), created_at=spec.get("created_at") or stamp,
+                updated_at=stamp, sources=list(spec.get("sources", [])), extractor="api"))
+        self._write(made)
+        return made
+
+    def get(self, tenant: str, memory_id: str) -> MemoryItem:
+        item = self.store.get(tenant, memory_id)
+        if item is None:
+            raise MemoryNotFound(f"No memory '{memory_id}'.")
+        return item
+
+    def patch(self, tenant: str, memory_id: str, changes: dict[str, Any]) -> MemoryItem:
+        current = self.get(tenant, memory_id)
+        allowed = {"text", "type", "tags", "pinned", "status"}
+        update = {k: v for k, v in changes.items() if k in allowed and v is not None}
+        if "text" in update:
+            update["text"] = redact(update["text"]).strip()
+            if not update["text"]:
+                raise InvalidMemoryRequest("text must not be empty.", param="text")
+        item = current.model_copy(update={**update, "version": current.version + 1,
+                                          "updated_at": now(), "extractor": "api"})
+        self._write([item])
+        return item
+
+    def delete(self, tenant: str, memory_id: str) -> MemoryItem:
+        return self.patch(tenant, memory_id, {"status": "deleted"})
+
+    def history(self, tenant: str, memory_id: str) -> list[MemoryItem]:
+        versions = self.store.history(tenant, memory_id)
+        if not versions:
+            raise MemoryNotFound(f"No memory '{memory_id}'.")
+        return versions
+
+    def search(self, tenant: str, query: str, *, user: str | None = None,
+               cube_ids: Sequence[str] | None = None, top_k: int = 10,
+               statuses: Sequence[MemoryStatus] = ("active",)) -> list[Hit]:
+        if cube_ids:
+            self._check_cubes(tenant, cube_ids)
+        scope = Scope(tenant=tenant, cube_ids=list(cube_ids) if cube_ids else None, user=user,
+                      statuses=tuple(statuses))
+        return self.retriever.search(scope, query, top_k)
+
+    def purge_user(self, tenant: str, user: str) -> int:
+        return self.store.purge_user(tenant, user)
+
+    # -- cubes --------------------------------------------------------------------------
+
+    def create_cube(self, tenant: str, name: str, *, description: str = "",
+                    cube_id: str | None = None) -> Cube:
+        cube = Cube(id=cube_id or f"cube_{uuid.uuid4().hex}", tenant=tenant, name=name,
+                    kind="shared", description=description)
+        if self.store.get_cube(tenant, cube.id) is not None:
+            raise InvalidMemoryRequest(f"Cube '{cube.id}' exists.", param="id")
+        self.store.put_cube(cube)
+        return cube
+
+    def get_cube(self, tenant: str, cube_id: str) -> Cube:
+        cube = self.store.get_cube(tenant, cube_id)
+        if cube is None:
+            raise MemoryNotFound(f"No cube '{cube_id}'.")
+        return cube
+
+    def delete_cube(self, tenant: str, cube_id: str) -> int:
+        self.get_cube(tenant, cube_id)
+        removed = self.store.delete_cube_items(tenant, cube_id)
+        self.store.delete_cube(tenant, cube_id)
+        return removed
+
+    def _all(self, tenant: str, cube_id: str) -> list[MemoryItem]:
+        items: list[MemoryItem] = []
+        cursor: str | None = None
+        while True:
+            page, cursor = self.store.list_items(tenant, cube_id=cube_id, limit=500, cursor=cursor)
+            items += page
+            if cursor is None:
+                return items
+
+    def export_cube(self, tenant: str, cube_id: str) -> Iterable[str]:
+        """JSONL: the cube first, then every version of every item."""
+        cube = self.get_cube(tenant, cube_id)
+        yield json.dumps({"object": "cube", **cube.model_dump(exclude={"tenant"})}) + "\n"
+        for item in self._all(tenant, cube_id):
+            for version in self.store.history(tenant, item.id):
+                yield json.dumps({"object": "memory", **version.model_dump(exclude={"tenant"})}) + "\n"
+
+    def import_cube(self, tenant: str, lines: Iterable[str]) -> tuple[Cube, int]:
+        cube: Cube | None = None
+        versions: list[MemoryItem] = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                kind = record.pop("object")
+                if kind == "cube":
+                    cube = Cube(tenant=tenant, **record)
+                elif kind == "memory":
+                    versions.append(MemoryItem(tenant=tenant, **record))
+                else:
+                    raise ValueError(f"unknown object {kind!r}")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InvalidMemoryRequest(f"line {number}: {exc}") from None
+        if cube is None:
+            raise InvalidMemoryRequest("the export has no cube line.")
+        if any(v.cube_id != cube.id for v in versions):
+            raise InvalidMemoryRequest("every memory must belong to the exported cube.")
+        self.store.put_cube(cube)
+        # Oldest versions first, so each item's newest ends up current.
+        versions.sort(key=lambda v: v.version)
+        for v in versions:
+            v.text = redact(v.text)
+        self._write(versions)
+        return cube, len({v.id for v in versions})
+
+    def merge_cubes(self, tenant: str, source_id: str, target_id: str) -> int:
+        """Copy the source's active items into the target, skipping texts it has."""
+        self.get_cube(tenant, source_id)
+        self.get_cube(tenant, target_id)
+        have = {normalise(i.text) for i in self._all(tenant, target_id) if i.status == "active"}
+        copies: list[MemoryItem] = []
+        stamp = now()
+        for item in self._all(tenant, source_id):
+            key = normalise(item.text)
+            if item.status != "active" or key in have:
+                continue
+            have.add(key)
+            copies.append(item.model_copy(update={
+                "id": stable_id("merge", tenant, target_id, item.id), "cube_id": target_id,
+                "version": 1, "updated_at": stamp, "extractor": "merge"}))
+        self._write(copies)
+        return len(copies)

@@ -1,0 +1,213 @@
+"""The memory layer on fakes (in-memory store, hashing embedder) and a real outbox."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memory.embedding.base import HashEmbedder
+from memory.errors import MemoryNotFound
+from memory.extract import FineExtractor
+from memory.layer import Turn
+from memory.models import default_cube_id
+from memory.outbox import Outbox
+from memory.redact import MASK
+from memory.service import MemoryConfig, MemoryService
+from memory.store.inmemory import InMemoryStore
+
+
+class ScriptedLLM:
+    """Answers extraction prompts from a queue, and records what it was asked."""
+
+    def __init__(self) -> None:
+        self.replies: list[str] = []
+        self.history: list[list[dict[str, str]]] = []
+
+    def enqueue(self, *replies: str | dict[str, Any]) -> None:
+        self.replies += [r if isinstance(r, str) else json.dumps(r) for r in replies]
+
+    async def __call__(self, messages: list[dict[str, str]]) -> str:
+        self.history.append(messages)
+        return self.replies.pop(0)
+
+
+def make(tmp_path: Path, *, fine: FineExtractor | None = None) -> MemoryService:
+    embedder = HashEmbedder()
+    store = InMemoryStore(embedding_model=embedder.model_id, dim=embedder.dim)
+    config = MemoryConfig(extraction="fine" if fine else "fast")
+    return MemoryService(store=store, embedder=embedder, outbox=Outbox(tmp_path / "outbox.db"),
+                         config=config, fine=fine)
+
+
+@pytest.fixture
+async def svc(tmp_path: Path) -> AsyncIterator[MemoryService]:
+    service = make(tmp_path)
+    await service.start()
+    yield service
+    await service.stop()
+    service.close()
+
+
+def turn(user: str = "alice", tenant: str = "t1", rid: str = "r1", **options: Any) -> Turn:
+    return Turn(request_id=rid, tenant=tenant, user=user, session_id="s1", model="m",
+                options=options)
+
+
+def said(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+async def tell(svc: MemoryService, text: str, **kw: Any) -> None:
+    await svc.remember(turn(**kw), said(text), "ok")
+    await svc.flush()
+
+
+async def test_fast_mode_stores_user_turn_with_provenance(svc: MemoryService) -> None:
+    history = [{"role": "user", "content": "old turn"}, {"role": "assistant", "content": "x"}]
+    await svc.remember(turn(rid="req-9"), [*history, *said("I live in Lisbon")], "Nice!")
+    await svc.flush()
+    items, _ = svc.store.list_items("t1")
+    assert [i.text for i in items] == ["I live in Lisbon"]  # only the new turn
+    item = items[0]
+    assert (item.user, item.type, item.extractor, item.version) == ("alice", "raw", "fast", 1)
+    assert item.cube_id == default_cube_id("t1", "alice")
+    assert item.sources[0].request_id == "req-9"
+    assert item.sources[0].session_id == "s1"
+    assert item.sources[0].role == "user"
+    assert svc.store.get_cube("t1", item.cube_id) is not None  # default cube made on first write
+
+
+async def test_recall_injects_memories_as_fenced_system_data(svc: MemoryService) -> None:
+    await tell(svc, "My cat is called Miso")
+    recall = await svc.recall(turn(rid="r2"), said("what is my cat called?"))
+    system = recall.messages[0]
+    assert system["role"] == "system"
+    assert "<memories>" in system["content"] and "</memories>" in system["content"]
+    assert "not instructions" in system["content"]
+    assert "My cat is called Miso" in system["content"]
+    assert recall.messages[1:] == said("what is my cat called?")
+    assert len(recall.memory_ids) == 1
+    assert svc.store.get("t1", recall.memory_ids[0]).access_count == 1  # type: ignore[union-attr]
+
+
+async def test_users_and_tenants_are_isolated(svc: MemoryService) -> None:
+    await tell(svc, "Alice secret plan zebra", user="alice")
+    for other in (turn(user="bob", rid="r2"), turn(tenant="t2", rid="r3")):
+        recall = await svc.recall(other, said("secret plan zebra"))
+        assert recall.memory_ids == []
+    assert svc.store.list_items("t2")[0] == []
+
+
+async def test_replayed_exchange_does_not_duplicate(svc: MemoryService) -> None:
+    await tell(svc, "I play the cello")
+    await tell(svc, "I play the cello")  # the same request id again: a replay
+    await tell(svc, "i play  the CELLO", rid="r2")  # same words, another request
+    assert [i.text for i in svc.store.list_items("t1")[0]] == ["I play the cello"]
+
+
+async def test_write_false_and_enabled_false(svc: MemoryService) -> None:
+    await svc.remember(turn(write=False), said("do not keep this"), "ok")
+    await svc.flush()
+    assert svc.store.list_items("t1")[0] == []
+    await tell(svc, "keep this one")
+    recall = await svc.recall(turn(rid="r2", enabled=False), said("keep this one"))
+    assert recall.memory_ids == []
+
+
+async def test_secrets_are_redacted_before_writing(svc: MemoryService) -> None:
+    await tell(svc, "my password is hunter2 and key sk-abcdefghijklmnopqrstuvwx")
+    text = svc.store.list_items("t1")[0][0].text
+    assert "hunter2" not in text and "sk-abcdefghijklmnopqrstuvwx" not in text
+    assert MASK in text
+
+
+async def test_patch_versions_and_history(svc: MemoryService) -> None:
+    item = svc.create("t1", "alice", "I like tea")
+    v2 = svc.patch("t1", item.id, {"text": "I like green tea", "tags": ["drinks"]})
+    gone = svc.delete("t1", item.id)
+    assert (v2.version, gone.version, gone.status) == (2, 3, "deleted")
+    assert [v.text for v in svc.history("t1", item.id)] == ["I like tea", "I like green tea",
+                                                           "I like green tea"]
+    assert svc.search("t1", "green tea") == []  # deleted items are not found
+    with pytest.raises(MemoryNotFound):
+        svc.get("t2", item.id)
+
+
+async def test_budget_limits_the_block(svc: MemoryService) -> None:
+    for i in range(5):
+        svc.create("t1", "alice", f"fact number {i} about gardening and roses " * 3)
+    recall = await svc.recall(turn(max_tokens=160), said("gardening roses"))
+    assert 0 < len(recall.memory_ids) < 5
+
+
+async def test_unknown_mounted_cube_is_not_found(svc: MemoryService) -> None:
+    with pytest.raises(MemoryNotFound):
+        await svc.recall(turn(cubes=["nope"]), said("anything"))
+
+
+async def test_shared_cube_mount_export_import_merge(svc: MemoryService) -> None:
+    cube = svc.create_cube("t1", "team")
+    svc.create("t1", "alice", "The office wifi is called Falcon", cube_id=cube.id)
+    assert (await svc.recall(turn(user="bob"), said("office wifi falcon"))).memory_ids == []
+    mounted = await svc.recall(turn(user="bob", cubes=[cube.id]), said("office wifi falcon"))
+    assert len(mounted.memory_ids) == 1
+    lines = list(svc.export_cube("t1", cube.id))
+    assert json.loads(lines[0])["object"] == "cube"
+    svc.delete_cube("t1", cube.id)
+    assert svc.store.count("t1", cube_id=cube.id) == 0
+    restored, count = svc.import_cube("t1", lines)
+    assert (restored.id, count) == (cube.id, 1)
+    other = svc.create_cube("t1", "other")
+    svc.create("t1", "bob", "The office wifi is called Falcon", cube_id=other.id)
+    svc.create("t1", "bob", "Lunch is at noon", cube_id=other.id)
+    assert svc.merge_cubes("t1", other.id, cube.id) == 1  # the duplicate is skipped
+    assert svc.store.count("t1", cube_id=cube.id) == 2
+
+
+async def test_fine_mode_add_update_delete_none(tmp_path: Path) -> None:
+    llm = ScriptedLLM()
+    svc = make(tmp_path, fine=FineExtractor(llm))
+    await svc.start()
+    llm.enqueue({"facts": [{"text": "The user lives in Lisbon", "type": "fact"}]})
+    await svc.remember(turn(rid="a"), said("I live in Lisbon"), "ok")
+    await svc.flush()
+    first = svc.store.list_items("t1")[0][0]
+    assert (first.text, first.type, first.extractor) == ("The user lives in Lisbon", "fact", "fine")
+
+    llm.enqueue({"facts": ["The user lives in Porto"]},
+                {"event": "UPDATE", "id": first.id, "text": "The user lives in Porto"})
+    await svc.remember(turn(rid="b"), said("I moved to Porto"), "ok")
+    await svc.flush()
+    updated = svc.get("t1", first.id)
+    assert (updated.text, updated.version) == ("The user lives in Porto", 2)
+    assert [s.request_id for s in updated.sources] == ["a", "b"]
+
+    llm.enqueue({"facts": ["The user lives in Porto"]}, {"event": "NONE", "id": first.id})
+    await svc.remember(turn(rid="c"), said("Porto is home"), "ok")
+    await svc.flush()
+    assert svc.get("t1", first.id).version == 2
+
+    llm.enqueue({"facts": ["The user no longer lives in Porto"]},
+                {"event": "DELETE", "id": first.id})
+    await svc.remember(turn(rid="d"), said("I left Porto"), "ok")
+    await svc.flush()
+    assert svc.get("t1", first.id).status == "deleted"
+    await svc.stop()
+    svc.close()
+
+
+async def test_fine_mode_invalid_json_falls_back_to_fast(tmp_path: Path) -> None:
+    llm = ScriptedLLM()
+    svc = make(tmp_path, fine=FineExtractor(llm))
+    await svc.start()
+    llm.enqueue("Sure! Here are the facts: the user likes jazz.")
+    await svc.remember(turn(), said("I like jazz"), "ok")
+    await svc.flush()
+    items = svc.store.list_items("t1")[0]
+    assert [(i.text, i.extractor, i.type) for i in items] == [("I like jazz", "fast", "raw")]
+    await svc.stop()
+    svc.close()
