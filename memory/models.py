@@ -31,9 +31,11 @@ def default_cube_id(tenant: str, user: str) -> str:
     return stable_id("cube", tenant, user)
 
 
-def version_point_id(memory_id: str, version: int) -> str:
-    """The store's point id of one version of one memory item."""
-    return stable_id("version", memory_id, str(version))
+def version_point_id(tenant: str, memory_id: str, version: int) -> str:
+    """The store's point id of one version of one memory item. The tenant is part of it:
+    item ids can come from outside (imports), and two tenants' items with one id must
+    never overwrite each other's points."""
+    return stable_id("version", tenant, memory_id, str(version))
 
 
 def now() -> int:
@@ -76,7 +78,7 @@ class MemoryItem(BaseModel):
 
     @property
     def point_id(self) -> str:
-        return version_point_id(self.id, self.version)
+        return version_point_id(self.tenant, self.id, self.version)
 
     def api(self) -> dict[str, Any]:
         """The contract's shape (tenant and internals left out)."""

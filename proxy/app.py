@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,7 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from memory.errors import InvalidMemoryRequest, MemoryLayerError, MemoryNotFound
 from memory.layer import MemoryLayer, NullMemory
+from memory.service import MemoryService
 from proxy.auth import KeyRing
 from proxy.backends import ChatBackend, build_backend
 from proxy.errors import (
@@ -22,6 +25,7 @@ from proxy.errors import (
     error_response,
     error_type_for_status,
 )
+from proxy.memory_routes import router as memory_router
 from proxy.observability import Metrics, ProxyMiddleware
 from proxy.protocol import invalid_from_error
 from proxy.routes import chat_completions, public, router
@@ -46,12 +50,24 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         started: list[ChatBackend] = []
+        service: MemoryService | None = None
         try:
             for backend in backends.values():
                 await backend.start()
                 started.append(backend)
+            if memory is None and settings.memory.enabled:
+                from proxy.memory_wiring import build_memory
+
+                # Loading the embedder (converting it on first run) takes seconds.
+                service = await asyncio.to_thread(build_memory, settings, backends)
+                await service.start()
+                chat.memory = service
+                app.state.memory_service = service
             yield
         finally:
+            if service is not None:
+                await service.stop()
+                await asyncio.to_thread(service.close)
             for backend in started:
                 await backend.close()
 
@@ -60,9 +76,11 @@ def create_app(
     app.state.chat = chat
     app.state.metrics = Metrics()
     app.state.started_at = int(time.time())
+    app.state.memory_service = memory if isinstance(memory, MemoryService) else None
     app.state.keys = KeyRing(settings)
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.include_router(router)
+    app.include_router(memory_router)
     app.include_router(public)
     app.add_middleware(
         ProxyMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes
@@ -81,6 +99,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
         return respond(request, exc)
+
+    @app.exception_handler(MemoryLayerError)
+    async def on_memory_error(request: Request, exc: MemoryLayerError) -> Response:
+        err: ProxyError
+        if isinstance(exc, MemoryNotFound):
+            err = NotFoundError(exc.message, param=exc.param)
+        elif isinstance(exc, InvalidMemoryRequest):
+            err = InvalidRequestError(exc.message, param=exc.param)
+        else:
+            err = ProxyError(exc.message)
+        return respond(request, err)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> Response:

@@ -105,6 +105,43 @@ class QdrantSettings(_Section):
     api_key_env: str | None = Field(default=None, description="Variable holding the Qdrant API key.")
 
 
+class EmbedderSettings(_Section):
+    backend: Literal["local", "litellm"] = Field(
+        default="local",
+        description="local: all-MiniLM-L6-v2 run by llama.cpp (converted once into data_dir); "
+        "litellm: any embeddings API.",
+    )
+    model: str | None = Field(default=None, description="litellm embedding model string.")
+    api_base: str | None = Field(default=None, description="Embeddings API base URL.")
+    api_key_env: str | None = Field(default=None, description="Variable holding its key.")
+    dim: int = Field(default=384, ge=1, description="Vector dimension (checked on first use).")
+    cache_dir: Path | None = Field(
+        default=None, description="Where the local model is converted to (default data_dir/models)."
+    )
+
+    @model_validator(mode="after")
+    def _litellm_needs_model(self) -> EmbedderSettings:
+        if self.backend == "litellm" and not self.model:
+            raise ValueError("memory.embedder: backend litellm needs `model`")
+        return self
+
+
+class MemorySettings(_Section):
+    enabled: bool = Field(default=True, description="Retrieve, inject and write back memories.")
+    extraction: Literal["fast", "fine"] = Field(
+        default="fast",
+        description="fast: each user turn stored as a raw memory; fine: an LLM extracts facts "
+        "and decides ADD/UPDATE/DELETE/NONE (needs extraction_model).",
+    )
+    extraction_model: str | None = Field(
+        default=None, description="The configured model (a `models` name) fine extraction calls."
+    )
+    top_k: int = Field(default=8, ge=0, le=100, description="Memories injected per request.")
+    max_tokens: int = Field(default=1024, ge=0, description="Token budget of the memory block.")
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings,
+                                       description="How memories are embedded.")
+
+
 def _default_models() -> list[ModelConfig]:
     return [ModelConfig(name="local", backend="llamacpp")]
 
@@ -134,6 +171,7 @@ class Settings(BaseSettings):
     adapters: list[AdapterConfig] = Field(default_factory=list, description="LoRA adapters.")
     tenants: list[TenantConfig] = Field(default_factory=list, description="Tenants and their keys.")
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings, description="Vector store.")
+    memory: MemorySettings = Field(default_factory=MemorySettings, description="Plaintext memory.")
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:
@@ -142,6 +180,12 @@ class Settings(BaseSettings):
             if m.name in seen:
                 raise ValueError(f"models: duplicate model name '{m.name}'")
             seen.add(m.name)
+        if self.memory.extraction == "fine":
+            if not self.memory.extraction_model:
+                raise ValueError("memory.extraction_model: fine extraction needs a model name")
+            if self.memory.extraction_model not in seen:
+                raise ValueError(f"memory.extraction_model: no model named "
+                                 f"'{self.memory.extraction_model}' in `models`")
         return self
 
     def model_by_name(self, name: str) -> ModelConfig | None:

@@ -7,9 +7,9 @@ import pytest
 
 from memory import offline
 from proxy.app import create_app
-from proxy.settings import ModelConfig, Settings
+from proxy.settings import MemorySettings, ModelConfig, Settings
 from proxy.testing.fake_upstream import FakeUpstream
-from tests.live import Live, serve
+from proxy.testing.live import Live, serve
 
 offline.configure()
 
@@ -28,6 +28,7 @@ def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("data"),
         models=[ModelConfig(name="local", backend="llamacpp", n_ctx=2048)],
+        memory=MemorySettings(enabled=False),
     )
     with serve(create_app(settings)) as live:
         yield live
@@ -38,4 +39,6 @@ def upstream_settings(tmp_path: Path, upstream: FakeUpstream, transport: str = "
     cfg = {"name": "up", "backend": "litellm", "model": "openai/fake-model",
            "api_base": upstream.url, "api_key_env": "FAKE_UPSTREAM_KEY",
            "transport": transport, "max_retries": 0, "timeout": 5.0, **model}
-    return Settings(data_dir=tmp_path / "data", models=[ModelConfig.model_validate(cfg)])
+    # The proxy's own behaviour, without memory: memory has its tests (test_memory_*).
+    return Settings(data_dir=tmp_path / "data", models=[ModelConfig.model_validate(cfg)],
+                    memory=MemorySettings(enabled=False))

@@ -13,8 +13,8 @@ import pytest
 from proxy.app import create_app
 from proxy.settings import AuthSettings, TenantConfig
 from proxy.testing.fake_upstream import FakeUpstream
+from proxy.testing.live import Live, serve
 from tests.conftest import upstream_settings
-from tests.live import Live, serve
 
 HASHED = "sk-globex-" + "1" * 20
 

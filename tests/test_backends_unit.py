@@ -19,7 +19,7 @@ from proxy.errors import (
 )
 from proxy.settings import ModelConfig, UpstreamSettings
 from proxy.testing.fake_upstream import Delay, FakeUpstream, Raw, Reply, Status, Stream, chunk
-from tests.live import refused_port
+from proxy.testing.live import refused_port
 
 BODY = {"model": "alias", "messages": [{"role": "user", "content": "x"}]}
 

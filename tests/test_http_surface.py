@@ -12,8 +12,8 @@ import pytest
 
 from proxy.app import create_app
 from proxy.testing.fake_upstream import FakeUpstream
+from proxy.testing.live import Live, serve
 from tests.conftest import upstream_settings
-from tests.live import Live, serve
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 

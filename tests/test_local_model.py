@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from proxy.backends.llamacpp import LlamaCppBackend
-from tests.live import Live
+from proxy.testing.live import Live
 
 PROMPT = [{"role": "user", "content": "Name three colours."}]
 

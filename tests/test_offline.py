@@ -47,7 +47,7 @@ SCRIPT = GUARD + textwrap.dedent('''
     from proxy.app import create_app
     from proxy.settings import ModelConfig, Settings
     from proxy.testing.fake_upstream import FakeUpstream
-    from tests.live import serve
+    from proxy.testing.live import serve
     with FakeUpstream() as up:
         settings = Settings(data_dir=Path(tempfile.mkdtemp()), models=[
             ModelConfig(name="l", backend="llamacpp", n_ctx=512),

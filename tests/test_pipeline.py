@@ -13,8 +13,8 @@ from memory.layer import Recall, Turn
 from proxy.app import create_app
 from proxy.settings import AuthSettings, TenantConfig
 from proxy.testing.fake_upstream import FakeUpstream, Status, Stream, chunk
+from proxy.testing.live import Live, serve
 from tests.conftest import upstream_settings
-from tests.live import Live, serve
 
 
 class RecordingMemory:

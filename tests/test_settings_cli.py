@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from proxy.settings import ConfigError, Settings, load_settings
+from proxy.testing.live import refused_port
 from tests.conftest import REPO
-from tests.live import refused_port
 
 CLI = [sys.executable, "-m", "proxy.cli"]
 

@@ -25,8 +25,8 @@ from proxy.testing.fake_upstream import (
     chunk,
     completion,
 )
+from proxy.testing.live import Live, refused_port, serve
 from tests.conftest import upstream_settings
-from tests.live import Live, refused_port, serve
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

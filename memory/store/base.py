@@ -51,7 +51,8 @@ class MemoryStore(ABC):
     @abstractmethod
     def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]]) -> None:
         """Write these versions (idempotent: same point id, same result). Each becomes the
-        current version of its item id; its other versions stay, for history."""
+        current version of its item id unless a higher version is already stored (a
+        replayed old write never rolls an item back); other versions stay, for history."""
 
     @abstractmethod
     def get(self, tenant: str, memory_id: str) -> MemoryItem | None:
@@ -66,7 +67,7 @@ class MemoryStore(ABC):
                    status: MemoryStatus | None = None, limit: int = 100,
                    cursor: str | None = None) -> tuple[list[MemoryItem], str | None]:
         """Current versions in a stable order, a page at a time; the cursor of the next
-        page, or None after the last."""
+        page, or None after the last. A malformed cursor raises ValueError."""
 
     @abstractmethod
     def search_dense(self, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:

@@ -104,6 +104,10 @@ class LlamaCppBackend(ChatBackend):
         )
         return llm, formatter
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of text in this model's own tokenizer (the memory block's budget)."""
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
     async def idle(self) -> None:
         """Return once no generation is running (those queued before it included)."""
         async with self._lock:

@@ -1,4 +1,4 @@
-"""Run an app under real uvicorn on a loopback port, in a thread, for integration tests."""
+"""Run an app under real uvicorn on a loopback port, in a thread (tests, benchmarks)."""
 
 from __future__ import annotations
 

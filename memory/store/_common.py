@@ -1,0 +1,257 @@
+"""What the Qdrant-backed stores share: the point layout, filters, cursors, BM25.
+
+Both backends store the same points, so a store moved from Qdrant Edge to a Qdrant
+server (or compared with one in the congruence tests) behaves alike:
+
+- one point per version of an item, id ``point_id(item)``, named vectors ``dense``
+  (the caller's embedding, cosine) and ``bm25`` (sparse, IDF applied by Qdrant);
+- payload: every ``MemoryItem`` field at the top level, plus ``current``: 1 on the
+  current version, 0 on the others. An integer, not a bool: qdrant-edge-py 0.9 reads
+  ``MatchValue(True)`` as the integer 1, which matches no stored ``true``;
+- cubes: payload-only points ``{"cube": {...Cube fields}}``, id from tenant and cube id.
+
+Filters are built here once, as small backend-neutral ``Where`` values that each
+backend translates to its own filter classes. Every ``Where`` for memory points
+starts with the tenant condition: isolation lives in this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from qdrant_edge import Bm25, Bm25Config
+
+from memory.models import Cube, MemoryItem, MemoryStatus, stable_id
+from memory.store.base import Hit, Scope, StoreMismatchError
+
+DENSE = "dense"
+SPARSE = "bm25"
+SCHEMA = 1
+META_KEY = "memcube_store"
+
+#: Payload fields with an index: every memory filter uses some of them.
+KEYWORD_INDEXES = ("id", "cube_id", "user", "status")
+TENANT_FIELD = "tenant"
+CURRENT_FIELD = "current"
+UNFLAG: dict[str, Any] = {CURRENT_FIELD: 0}
+CUBE_TENANT_FIELD = "cube.tenant"
+
+# Memory items are a sentence or two, not the 256-token documents BM25's default
+# length normalisation assumes.
+BM25_AVG_LEN = 24.0
+
+_ITEM_FIELDS = tuple(MemoryItem.model_fields)
+_CURSOR_PREFIX = "p1:"
+
+
+# -- filters ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    key: str
+    value: str | int
+
+
+@dataclass(frozen=True, slots=True)
+class MatchIn:
+    key: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HasIds:
+    ids: tuple[str, ...]
+
+
+Cond = Match | MatchIn | HasIds
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """Every condition must hold."""
+
+    must: tuple[Cond, ...]
+
+
+def tenant_where(tenant: str, *conds: Cond, current: bool | None = None) -> Where:
+    must: list[Cond] = [Match(TENANT_FIELD, tenant)]
+    if current is not None:
+        must.append(Match(CURRENT_FIELD, int(current)))
+    return Where(tuple(must) + conds)
+
+
+def scope_where(scope: Scope) -> Where | None:
+    """The filter of a search, or None when the scope can see nothing at all."""
+    if not scope.statuses or (scope.cube_ids is not None and not scope.cube_ids):
+        return None
+    conds: list[Cond] = [MatchIn("status", tuple(scope.statuses))]
+    if scope.cube_ids is not None:
+        conds.append(MatchIn("cube_id", tuple(scope.cube_ids)))
+    if scope.user is not None:
+        conds.append(Match("user", scope.user))
+    return tenant_where(scope.tenant, *conds, current=True)
+
+
+def list_where(tenant: str, user: str | None, cube_id: str | None,
+               status: MemoryStatus | None) -> Where:
+    conds: list[Cond] = []
+    if user is not None:
+        conds.append(Match("user", user))
+    if cube_id is not None:
+        conds.append(Match("cube_id", cube_id))
+    if status is not None:
+        conds.append(Match("status", status))
+    return tenant_where(tenant, *conds, current=True)
+
+
+def idf_corpus(tenant: str) -> Where:
+    """IDF is measured over the tenant's current items: other tenants' words and
+    superseded versions must not move a tenant's ranking."""
+    return tenant_where(tenant, current=True)
+
+
+def cube_where(tenant: str) -> Where:
+    return Where((Match(CUBE_TENANT_FIELD, tenant),))
+
+
+def chunks(values: Sequence[str], size: int = 512) -> Iterable[tuple[str, ...]]:
+    for start in range(0, len(values), size):
+        yield tuple(values[start:start + size])
+
+
+# -- points ----------------------------------------------------------------------
+
+def point_id(item: MemoryItem) -> str:
+    """A version's point id (tenant, id and version: see ``version_point_id``)."""
+    return item.point_id
+
+
+def item_payload(item: MemoryItem, *, current: bool) -> dict[str, Any]:
+    payload = item.model_dump(mode="json")
+    payload[CURRENT_FIELD] = int(current)
+    return payload
+
+
+def payload_item(payload: dict[str, Any]) -> MemoryItem:
+    return MemoryItem.model_validate({k: payload[k] for k in _ITEM_FIELDS if k in payload})
+
+
+def batch_currents(items: Sequence[MemoryItem]) -> list[bool]:
+    """Which items of an upsert batch are written as current: the highest version of
+    each item id in the batch (the store then settles against versions already stored)."""
+    best: dict[tuple[str, str], int] = {}
+    for item in items:
+        key = (item.tenant, item.id)
+        best[key] = max(best.get(key, item.version), item.version)
+    return [best[(i.tenant, i.id)] == i.version for i in items]
+
+
+def stale_currents(currents: Iterable[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Point ids to unflag, given the (point id, payload) of every point flagged
+    current for some item ids: all but the highest version of each item.
+
+    The highest version stored wins, whatever order writes land in: replaying an old
+    version after a newer one, or two writers racing, can't leave two current
+    versions or none once each writer has settled.
+    """
+    best: dict[str, tuple[int, str]] = {}
+    stale: list[str] = []
+    for point_id, payload in currents:
+        mine = (int(payload["version"]), point_id)
+        held = best.get(payload["id"])
+        if held is None:
+            best[payload["id"]] = mine
+        else:
+            stale.append(min(held, mine)[1])
+            best[payload["id"]] = max(held, mine)
+    return stale
+
+
+def ranked(hits: list[Hit]) -> list[Hit]:
+    """Best first; equal scores by item id, so ties come out alike from every backend."""
+    return sorted(hits, key=lambda h: (-h.score, h.item.id))
+
+
+def touched(payload: dict[str, Any], times: int, at: int) -> dict[str, Any]:
+    return {"access_count": int(payload.get("access_count") or 0) + times, "last_accessed_at": at}
+
+
+def cube_point_id(tenant: str, cube_id: str) -> str:
+    return stable_id("cube-record", tenant, cube_id)
+
+
+def cube_payload(cube: Cube) -> dict[str, Any]:
+    return {"cube": cube.model_dump(mode="json")}
+
+
+def payload_cube(payload: dict[str, Any]) -> Cube:
+    return Cube.model_validate(payload["cube"])
+
+
+# -- model and dimension ------------------------------------------------------------
+
+def meta(embedding_model: str, dim: int) -> dict[str, Any]:
+    return {"embedding_model": embedding_model, "dim": dim, "schema": SCHEMA,
+            "bm25_avg_len": BM25_AVG_LEN}
+
+
+def check_meta(found: dict[str, Any] | None, embedding_model: str, dim: int, where: str) -> None:
+    """Refuse a store built for another embedder: its vectors would be meaningless."""
+    if not found or "embedding_model" not in found or "dim" not in found:
+        raise StoreMismatchError(
+            f"store at {where} records no embedding model: it was not created by MemCube "
+            f"Proxy, or is damaged; point the proxy at another location")
+    if (found["embedding_model"], int(found["dim"])) != (embedding_model, dim):
+        raise StoreMismatchError(
+            f"store at {where} was built with model {found['embedding_model']} "
+            f"({found['dim']} dims); this proxy is configured with {embedding_model} ({dim} dims). "
+            f"Configure the original embedding model, or give this one a new store location")
+
+
+def check_vector(vector: Sequence[float], dim: int) -> list[float]:
+    if len(vector) != dim:
+        raise StoreMismatchError(f"vector has {len(vector)} dims; the store holds {dim}-dim vectors")
+    if isinstance(vector, list):
+        return vector  # the common case; copying 10k x 384 floats costs 0.15 s
+    tolist = getattr(vector, "tolist", None)  # numpy, without importing it
+    return list(tolist()) if tolist else [float(v) for v in vector]
+
+
+# -- cursors -------------------------------------------------------------------------
+
+def encode_cursor(point_id: str) -> str:
+    return base64.urlsafe_b64encode((_CURSOR_PREFIX + point_id).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The point id a page starts at (Qdrant's scroll order: by point id)."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith(_CURSOR_PREFIX):
+            raise ValueError(cursor)
+        return str(uuid.UUID(raw[len(_CURSOR_PREFIX):]))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValueError(f"invalid cursor: {cursor!r}") from None
+
+
+# -- BM25 ----------------------------------------------------------------------------
+
+@cache
+def _bm25() -> Bm25:
+    return Bm25(Bm25Config(avg_len=BM25_AVG_LEN))
+
+
+def sparse_document(text: str) -> tuple[list[int], list[float]]:
+    vec = _bm25().embed_document(text)
+    return list(vec.indices), list(vec.values)
+
+
+def sparse_query(text: str) -> tuple[list[int], list[float]]:
+    vec = _bm25().embed_query(text)
+    return list(vec.indices), list(vec.values)

@@ -1,0 +1,261 @@
+"""The scale-out store: a Qdrant server or cluster, through ``qdrant-client``.
+
+Memory versions live in one collection (named vectors ``dense`` and ``bm25``), cubes
+in a small second one (``<collection>_cubes``, payload only), so every proxy replica
+sharing the server sees the same cubes. The embedding model and dimension are kept
+in the collection's metadata, set when the collection is created.
+
+Replicas write without a shared lock, so an upsert settles the current flags after
+writing (the highest stored version of an item wins, see ``_common.stale_currents``);
+``touch`` is read-modify-write, and concurrent touches of one item may count once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from qdrant_client import QdrantClient
+from qdrant_client import models as m
+
+from memory.models import Cube, MemoryItem, MemoryStatus
+from memory.store import _common as c
+from memory.store.base import Hit, MemoryStore, Scope, StoreError
+
+log = logging.getLogger(__name__)
+
+_PAGE = 1024
+
+
+def _filter(where: c.Where) -> m.Filter:
+    def cond(x: c.Cond) -> m.Condition:
+        if isinstance(x, c.Match):
+            return m.FieldCondition(key=x.key, match=m.MatchValue(value=x.value))
+        if isinstance(x, c.MatchIn):
+            return m.FieldCondition(key=x.key, match=m.MatchAny(any=list(x.values)))
+        return m.HasIdCondition(has_id=list(x.ids))
+
+    return m.Filter(must=[cond(x) for x in where.must])
+
+
+class ServerStore(MemoryStore):
+    def __init__(self, client: QdrantClient, *, collection: str = "memcube_memories",
+                 embedding_model: str, dim: int) -> None:
+        self.client = client
+        self._owns_client = False
+        self.collection = collection
+        self.cubes_collection = f"{collection}_cubes"
+        self.embedding_model = embedding_model
+        self.dim = dim
+        try:
+            self._ensure_collections()
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot open Qdrant collection {collection!r}: {exc}") from exc
+
+    @classmethod
+    def from_url(cls, url: str, api_key: str | None = None, *, collection: str = "memcube_memories",
+                 embedding_model: str, dim: int, timeout: int = 10, **client_options: Any) -> ServerStore:
+        """A store on its own client (closed with the store); ``client_options`` go to
+        ``QdrantClient`` (e.g. ``prefer_grpc=True``)."""
+        client = QdrantClient(url=url, api_key=api_key, timeout=timeout, **client_options)
+        try:
+            store = cls(client, collection=collection, embedding_model=embedding_model, dim=dim)
+        except BaseException:
+            client.close()
+            raise
+        store._owns_client = True
+        return store
+
+    def _ensure_collections(self) -> None:
+        if not self.client.collection_exists(self.collection):
+            self._create(self.collection, dict(
+                vectors_config={c.DENSE: m.VectorParams(size=self.dim, distance=m.Distance.COSINE)},
+                sparse_vectors_config={c.SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
+                metadata={c.META_KEY: c.meta(self.embedding_model, self.dim)}))
+            self._index(self.collection, c.TENANT_FIELD,
+                        m.KeywordIndexParams(type=m.KeywordIndexType.KEYWORD, is_tenant=True))
+            self._index(self.collection, c.CURRENT_FIELD, m.PayloadSchemaType.INTEGER)
+            for key in c.KEYWORD_INDEXES:
+                self._index(self.collection, key, m.PayloadSchemaType.KEYWORD)
+        info = self.client.get_collection(self.collection)
+        where = f"{self.collection!r} ({self._location()})"
+        c.check_meta((info.config.metadata or {}).get(c.META_KEY), self.embedding_model, self.dim, where)
+        dense = info.config.params.vectors
+        size = dense[c.DENSE].size if isinstance(dense, dict) and c.DENSE in dense else None
+        if size != self.dim:
+            raise StoreError(f"collection {where} has no {self.dim}-dim vector {c.DENSE!r} "
+                             f"(found {dense!r}); its metadata says otherwise: it was altered by hand")
+        if not self.client.collection_exists(self.cubes_collection):
+            self._create(self.cubes_collection, dict(vectors_config={}))
+            self._index(self.cubes_collection, c.CUBE_TENANT_FIELD, m.PayloadSchemaType.KEYWORD)
+
+    def _create(self, name: str, params: dict[str, Any]) -> None:
+        try:
+            self.client.create_collection(name, **params)
+        except Exception:
+            # Another replica may have created it between our check and our create.
+            if not self.client.collection_exists(name):
+                raise
+            log.info("collection %s was created concurrently", name)
+
+    def _index(self, collection: str, key: str, schema: m.PayloadSchemaType | m.KeywordIndexParams) -> None:
+        self.client.create_payload_index(collection, key, field_schema=schema)
+
+    def _location(self) -> str:
+        options = self.client.init_options
+        for key in ("url", "host", "path", "location"):
+            if options.get(key):
+                return str(options[key])
+        return "qdrant"
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _scroll(self, collection: str, where: c.Where,
+                fields: list[str] | bool = True) -> Iterator[tuple[str, dict[str, Any]]]:
+        offset: Any = None
+        while True:
+            records, offset = self.client.scroll(collection, scroll_filter=_filter(where), limit=_PAGE,
+                                                 offset=offset, with_payload=fields, with_vectors=False)
+            for r in records:
+                yield str(r.id), r.payload or {}
+            if offset is None:
+                return
+
+    def _unflag(self, tenant: str, point_ids: Sequence[str]) -> None:
+        for chunk in c.chunks(point_ids):
+            self.client.set_payload(self.collection, c.UNFLAG,
+                                    points=_filter(c.tenant_where(tenant, c.HasIds(chunk))))
+
+    def _erase(self, tenant: str, memory_ids: Sequence[str]) -> None:
+        for chunk in c.chunks(memory_ids):
+            self.client.delete(self.collection,
+                               points_selector=_filter(c.tenant_where(tenant, c.MatchIn("id", chunk))))
+
+    def _hits(self, points: list[m.ScoredPoint]) -> list[Hit]:
+        return c.ranked([Hit(c.payload_item(p.payload or {}), float(p.score)) for p in points])
+
+    # -- memory items ------------------------------------------------------------
+
+    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]]) -> None:
+        if len(items) != len(vectors):
+            raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
+        points = []
+        for item, vector, current in zip(items, vectors, c.batch_currents(items), strict=True):
+            indices, values = c.sparse_document(item.text)
+            points.append(m.PointStruct(
+                id=c.point_id(item),
+                vector={c.DENSE: c.check_vector(vector, self.dim),
+                        c.SPARSE: m.SparseVector(indices=indices, values=values)},
+                payload=c.item_payload(item, current=current)))
+        if not points:
+            return
+        self.client.upsert(self.collection, points, wait=True)
+        by_tenant: dict[str, set[str]] = {}
+        for item in items:
+            by_tenant.setdefault(item.tenant, set()).add(item.id)
+        for tenant, ids in by_tenant.items():
+            for chunk in c.chunks(sorted(ids)):
+                flagged = self._scroll(self.collection,
+                                       c.tenant_where(tenant, c.MatchIn("id", chunk), current=True),
+                                       ["id", "version"])
+                self._unflag(tenant, c.stale_currents(flagged))
+
+    def get(self, tenant: str, memory_id: str) -> MemoryItem | None:
+        records, _ = self.client.scroll(
+            self.collection, limit=1, with_payload=True, with_vectors=False,
+            scroll_filter=_filter(c.tenant_where(tenant, c.Match("id", memory_id), current=True)))
+        return c.payload_item(records[0].payload or {}) if records else None
+
+    def history(self, tenant: str, memory_id: str) -> list[MemoryItem]:
+        where = c.tenant_where(tenant, c.Match("id", memory_id))
+        return sorted((c.payload_item(p) for _, p in self._scroll(self.collection, where)),
+                      key=lambda i: i.version)
+
+    def list_items(self, tenant: str, *, user: str | None = None, cube_id: str | None = None,
+                   status: MemoryStatus | None = None, limit: int = 100,
+                   cursor: str | None = None) -> tuple[list[MemoryItem], str | None]:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        records, nxt = self.client.scroll(
+            self.collection, scroll_filter=_filter(c.list_where(tenant, user, cube_id, status)),
+            limit=limit, offset=c.decode_cursor(cursor) if cursor else None,
+            with_payload=True, with_vectors=False)
+        page = [c.payload_item(r.payload or {}) for r in records]
+        return page, (c.encode_cursor(str(nxt)) if nxt is not None else None)
+
+    def search_dense(self, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:
+        where = c.scope_where(scope)
+        if where is None or limit < 1:
+            return []
+        return self._hits(self.client.query_points(
+            self.collection, query=c.check_vector(vector, self.dim), using=c.DENSE,
+            query_filter=_filter(where), limit=limit, with_payload=True, with_vectors=False).points)
+
+    def search_sparse(self, scope: Scope, text: str, limit: int) -> list[Hit]:
+        where = c.scope_where(scope)
+        indices, values = c.sparse_query(text)
+        if where is None or limit < 1 or not indices:
+            return []
+        params = m.SearchParams(idf=m.IdfCorpusParams(corpus=_filter(c.idf_corpus(scope.tenant))))
+        return self._hits(self.client.query_points(
+            self.collection, query=m.SparseVector(indices=indices, values=values), using=c.SPARSE,
+            query_filter=_filter(where), search_params=params, limit=limit,
+            with_payload=True, with_vectors=False).points)
+
+    def count(self, tenant: str, *, cube_id: str | None = None) -> int:
+        where = c.list_where(tenant, None, cube_id, None)
+        return int(self.client.count(self.collection, count_filter=_filter(where), exact=True).count)
+
+    def touch(self, tenant: str, memory_ids: Sequence[str], at: int) -> None:
+        times = Counter(memory_ids)
+        for chunk in c.chunks(sorted(times)):
+            where = c.tenant_where(tenant, c.MatchIn("id", chunk), current=True)
+            for point_id, payload in list(self._scroll(self.collection, where, ["id", "access_count"])):
+                self.client.set_payload(self.collection, c.touched(payload, times[payload["id"]], at),
+                                        points=_filter(c.tenant_where(tenant, c.HasIds((point_id,)))))
+
+    def purge_user(self, tenant: str, user: str) -> int:
+        where = c.tenant_where(tenant, c.Match("user", user))
+        ids = sorted({p["id"] for _, p in self._scroll(self.collection, where, ["id"])})
+        self._erase(tenant, ids)
+        return len(ids)
+
+    def delete_cube_items(self, tenant: str, cube_id: str) -> int:
+        where = c.tenant_where(tenant, c.Match("cube_id", cube_id), current=True)
+        ids = sorted({p["id"] for _, p in self._scroll(self.collection, where, ["id"])})
+        self._erase(tenant, ids)
+        return len(ids)
+
+    # -- cubes ---------------------------------------------------------------------
+
+    def put_cube(self, cube: Cube) -> None:
+        self.client.upsert(self.cubes_collection, [m.PointStruct(
+            id=c.cube_point_id(cube.tenant, cube.id), vector={}, payload=c.cube_payload(cube))], wait=True)
+
+    def get_cube(self, tenant: str, cube_id: str) -> Cube | None:
+        # The record's id is made from the tenant: another tenant's cube is unreachable.
+        found = self.client.retrieve(self.cubes_collection, [c.cube_point_id(tenant, cube_id)],
+                                     with_payload=True, with_vectors=False)
+        return c.payload_cube(found[0].payload or {}) if found else None
+
+    def list_cubes(self, tenant: str) -> list[Cube]:
+        records = self._scroll(self.cubes_collection, c.cube_where(tenant))
+        return sorted((c.payload_cube(p) for _, p in records), key=lambda cube: cube.id)
+
+    def delete_cube(self, tenant: str, cube_id: str) -> bool:
+        point_id = c.cube_point_id(tenant, cube_id)
+        if not self.client.retrieve(self.cubes_collection, [point_id],
+                                    with_payload=False, with_vectors=False):
+            return False
+        self.client.delete(self.cubes_collection, points_selector=m.PointIdsList(points=[point_id]),
+                           wait=True)
+        return True
+
+    def close(self) -> None:
+        # Writes wait for the server's acknowledgement: nothing is left to flush.
+        if self._owns_client:
+            self.client.close()

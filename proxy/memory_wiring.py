@@ -1,0 +1,83 @@
+"""Build the memory layer from settings: store, embedder, outbox, extraction.
+
+Kept apart from the app factory so the choice of components reads in one place:
+Qdrant Edge under ``data_dir`` unless ``qdrant.url`` names a server; MiniLM through
+llama.cpp unless ``memory.embedder`` names an embeddings API; fine extraction calls
+one of the configured models through its own backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from memory.embedding.base import Embedder
+from memory.extract import FineExtractor
+from memory.inject import TokenCounter, tiktoken_counter
+from memory.outbox import Outbox
+from memory.service import MemoryConfig, MemoryService
+from memory.store.base import MemoryStore
+from proxy.backends.base import ChatBackend, completion_text
+from proxy.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    cfg = settings.memory.embedder
+    if cfg.backend == "litellm":
+        from memory.embedding.litellm_embedder import LiteLLMEmbedder
+
+        assert cfg.model is not None
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        return LiteLLMEmbedder(cfg.model, dim=cfg.dim, api_base=cfg.api_base, api_key=key)
+    from memory.embedding.minilm import MiniLMEmbedder
+
+    return MiniLMEmbedder(cfg.cache_dir or settings.data_dir / "models")
+
+
+def build_store(settings: Settings, embedder: Embedder) -> MemoryStore:
+    if settings.qdrant.url:
+        from memory.store.server import ServerStore
+
+        key_env = settings.qdrant.api_key_env
+        return ServerStore.from_url(settings.qdrant.url,
+                                    api_key=os.environ.get(key_env) if key_env else None,
+                                    embedding_model=embedder.model_id, dim=embedder.dim)
+    from memory.store.edge import EdgeStore
+
+    return EdgeStore(settings.data_dir / "qdrant", embedding_model=embedder.model_id,
+                     dim=embedder.dim)
+
+
+def token_counters(backends: dict[str, ChatBackend]) -> Any:
+    """The local model counts with its own tokenizer; upstream models with tiktoken."""
+
+    def counter_for(model: str) -> TokenCounter:
+        backend = backends.get(model)
+        count = getattr(backend, "count_tokens", None)
+        return count if callable(count) else tiktoken_counter()
+
+    return counter_for
+
+
+def build_memory(settings: Settings, backends: dict[str, ChatBackend]) -> MemoryService:
+    embedder = build_embedder(settings)
+    store = build_store(settings, embedder)
+    mem = settings.memory
+    fine = None
+    if mem.extraction == "fine":
+        assert mem.extraction_model is not None
+        extractor = backends[mem.extraction_model]
+
+        async def complete(messages: list[dict[str, str]]) -> str:
+            reply = await extractor.complete({"messages": messages, "temperature": 0})
+            return completion_text(reply.data)
+
+        fine = FineExtractor(complete)
+    config = MemoryConfig(enabled=mem.enabled, top_k=mem.top_k, max_tokens=mem.max_tokens,
+                          extraction=mem.extraction)
+    return MemoryService(store=store, embedder=embedder,
+                         outbox=Outbox(settings.data_dir / "outbox.sqlite3"), config=config,
+                         counter_for=token_counters(backends), fine=fine)
