@@ -62,12 +62,15 @@ class MemoryService:
         self.counter_for = counter_for or (lambda model: lambda text: len(text) // 4 + 1)
         self.fine = fine
         self.worker = WriteBackWorker(outbox, self._handle)
+        self._background: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         self.worker.start()
 
     async def stop(self) -> None:
         await self.worker.stop()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def flush(self) -> None:
         await self.worker.flush()
@@ -101,8 +104,19 @@ class MemoryService:
         budget = options.get("max_tokens", self.config.max_tokens)
         block, ids = build_block([h.item for h in hits], budget, self.counter_for(turn.model))
         if ids:
-            await asyncio.to_thread(self.store.touch, turn.tenant, ids, now())
+            self._touch_later(turn.tenant, ids)
         return Recall(messages=inject(messages, block), memory_ids=ids)
+
+    def _touch_later(self, tenant: str, ids: list[str]) -> None:
+        """Access counts are bookkeeping: the request does not wait for them."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.store.touch, tenant, ids, now()))
+        self._background.add(task)
+        task.add_done_callback(self._touched)
+
+    def _touched(self, task: asyncio.Future[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("recording memory access failed: %s", type(task.exception()).__name__)
 
     def _check_cubes(self, tenant: str, cube_ids: Iterable[str]) -> None:
         for cube_id in cube_ids:
@@ -126,6 +140,7 @@ class MemoryService:
     # -- write-back ---------------------------------------------------------------------
 
     async def _handle(self, batch: list[Exchange]) -> None:
+        plans: list[tuple[str, str, str, str, list[Operation]]] = []
         for exchange in batch:
             turn = ExtractTurn(request_id=exchange.request_id, session_id=exchange.session_id,
                                at=exchange.at, messages=exchange.messages, reply=exchange.reply)
@@ -139,10 +154,15 @@ class MemoryService:
                     return [h.item for h in hits]
 
                 ops = await self.fine.extract(turn, similar)
+                # Fine decisions read the store, so each exchange lands before the next.
+                await asyncio.to_thread(self._apply_many, [
+                    (exchange.tenant, exchange.user, cube_id, exchange.request_id, ops)])
             else:
-                ops = fast(turn)
-            await asyncio.to_thread(self._apply, exchange.tenant, exchange.user, cube_id,
-                                    exchange.request_id, ops)
+                plans.append((exchange.tenant, exchange.user, cube_id, exchange.request_id,
+                              fast(turn)))
+        if plans:
+            # One embedding batch and one upsert for the whole batch of exchanges.
+            await asyncio.to_thread(self._apply_many, plans)
 
     def _ensure_default_cube(self, tenant: str, user: str, cube_id: str) -> None:
         if cube_id == default_cube_id(tenant, user) and self.store.get_cube(tenant, cube_id) is None:
@@ -158,31 +178,42 @@ class MemoryService:
 
     def _apply(self, tenant: str, user: str, cube_id: str, request_id: str,
                ops: Sequence[Operation]) -> list[MemoryItem]:
-        self._ensure_default_cube(tenant, user, cube_id)
+        return self._apply_many([(tenant, user, cube_id, request_id, list(ops))])
+
+    def _apply_many(self, plans: Sequence[tuple[str, str, str, str, list[Operation]]]
+                    ) -> list[MemoryItem]:
         writes: list[MemoryItem] = []
+        written: set[tuple[str, str, str]] = set()  # (tenant, cube, text) in this batch
+        cubes_seen: set[tuple[str, str]] = set()
         stamp = now()
-        for index, op in enumerate(ops):
-            text = redact(op.text).strip()
-            if op.kind == "ADD":
-                if not text or self._duplicate(tenant, cube_id, text):
-                    continue
-                writes.append(MemoryItem(
-                    id=stable_id("memory", tenant, cube_id, request_id, str(index)),
-                    tenant=tenant, cube_id=cube_id, user=user, text=text, type=op.type,
-                    created_at=min((s.at for s in op.sources), default=stamp),
-                    updated_at=stamp, sources=op.sources, extractor=op.extractor))
-            elif op.kind in ("UPDATE", "DELETE") and op.target:
-                current = self.store.get(tenant, op.target)
-                if current is None or any(s.request_id == request_id for s in current.sources):
-                    continue  # gone, or this exchange already applied it (a replay)
-                changes: dict[str, Any] = {
-                    "version": current.version + 1, "updated_at": stamp,
-                    "sources": [*current.sources, *op.sources], "extractor": op.extractor}
-                if op.kind == "UPDATE" and text:
-                    changes["text"] = text
-                else:
-                    changes["status"] = "deleted"
-                writes.append(current.model_copy(update=changes))
+        for tenant, user, cube_id, request_id, ops in plans:
+            if (tenant, cube_id) not in cubes_seen:
+                self._ensure_default_cube(tenant, user, cube_id)
+                cubes_seen.add((tenant, cube_id))
+            for index, op in enumerate(ops):
+                text = redact(op.text).strip()
+                if op.kind == "ADD":
+                    key = (tenant, cube_id, normalise(text))
+                    if not text or key in written or self._duplicate(tenant, cube_id, text):
+                        continue
+                    written.add(key)
+                    writes.append(MemoryItem(
+                        id=stable_id("memory", tenant, cube_id, request_id, str(index)),
+                        tenant=tenant, cube_id=cube_id, user=user, text=text, type=op.type,
+                        created_at=min((s.at for s in op.sources), default=stamp),
+                        updated_at=stamp, sources=op.sources, extractor=op.extractor))
+                elif op.kind in ("UPDATE", "DELETE") and op.target:
+                    current = self.store.get(tenant, op.target)
+                    if current is None or any(s.request_id == request_id for s in current.sources):
+                        continue  # gone, or this exchange already applied it (a replay)
+                    changes: dict[str, Any] = {
+                        "version": current.version + 1, "updated_at": stamp,
+                        "sources": [*current.sources, *op.sources], "extractor": op.extractor}
+                    if op.kind == "UPDATE" and text:
+                        changes["text"] = text
+                    else:
+                        changes["status"] = "deleted"
+                    writes.append(current.model_copy(update=changes))
         self._write(writes)
         return writes
 

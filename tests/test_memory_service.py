@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -91,6 +92,7 @@ async def test_recall_injects_memories_as_fenced_system_data(svc: MemoryService)
     assert "My cat is called Miso" in system["content"]
     assert recall.messages[1:] == said("what is my cat called?")
     assert len(recall.memory_ids) == 1
+    await asyncio.gather(*svc._background)  # access counts are written off the request path
     assert svc.store.get("t1", recall.memory_ids[0]).access_count == 1  # type: ignore[union-attr]
 
 
