@@ -227,36 +227,33 @@ class MemoryService:
                type: MemoryType = "fact", tags: Sequence[str] = (), pinned: bool = False,
                created_at: int | None = None, sources: Sequence[Source] = (),
                memory_id: str | None = None) -> MemoryItem:
-        cube = cube_id or default_cube_id(tenant, user)
-        self._ensure_default_cube(tenant, user, cube)
-        self._check_cubes(tenant, [cube])
-        clean = redact(text).strip()
-        if not clean:
-            raise InvalidMemoryRequest("text must not be empty.", param="text")
-        stamp = now()
-        item = MemoryItem(id=memory_id or str(uuid.uuid4()), tenant=tenant, cube_id=cube,
-                          user=user, text=clean, type=type, tags=list(tags), pinned=pinned,
-                          created_at=created_at or stamp, updated_at=stamp,
-                          sources=list(sources), extractor="api")
-        self._write([item])
-        return item
+        return self.create_many(tenant, [{
+            "user": user, "text": text, "cube_id": cube_id, "type": type, "tags": list(tags),
+            "pinned": pinned, "created_at": created_at, "sources": list(sources),
+            "id": memory_id}])[0]
 
     def create_many(self, tenant: str, items: Sequence[dict[str, Any]]) -> list[MemoryItem]:
-        """Bulk form of :meth:`create` (one embedding batch)."""
+        """Memories written at once (one embedding batch). A spec holds ``user``, ``text``
+        and optionally ``cube_id`` (default: the user's cube), ``type``, ``tags``,
+        ``pinned``, ``created_at``, ``sources`` and ``id``."""
         made: list[MemoryItem] = []
         stamp = now()
+        checked: set[str] = set()
         for spec in items:
             user = spec["user"]
             cube = spec.get("cube_id") or default_cube_id(tenant, user)
-            self._ensure_default_cube(tenant, user, cube)
+            if cube not in checked:
+                self._ensure_default_cube(tenant, user, cube)
+                self._check_cubes(tenant, [cube])
+                checked.add(cube)
             clean = redact(spec["text"]).strip()
             if not clean:
                 raise InvalidMemoryRequest("text must not be empty.", param="text")
             made.append(MemoryItem(
                 id=spec.get("id") or str(uuid.uuid4()), tenant=tenant, cube_id=cube, user=user,
-                text=clean, type=spec.get("type", "fact"), tags=list(spec.get("tags", [])),
-                pinned=spec.get("pinned", False), created_at=spec.get("created_at") or stamp,
-                updated_at=stamp, sources=list(spec.get("sources", [])), extractor="api"))
+                text=clean, type=spec.get("type") or "fact", tags=list(spec.get("tags") or []),
+                pinned=bool(spec.get("pinned")), created_at=spec.get("created_at") or stamp,
+                updated_at=stamp, sources=list(spec.get("sources") or []), extractor="api"))
         self._write(made)
         return made
 

@@ -177,6 +177,7 @@ def test_memory_list_pages(live: Live) -> None:
      ("POST", "/memories", {"text": "x", "type": "gossip"}, 400, "type"),
      ("POST", "/memories/search", {"query": "x", "top_k": 0}, 400, "top_k"),
      ("POST", "/cubes/nope/merge", {"source": "other"}, 404, None),
+     ("POST", "/memories", {"items": [{"text": "x", "cube_id": "missing"}]}, 404, None),
      ("GET", "/memories", None, 400, "limit"),
      ("GET", "/memories?after=not-a-cursor", None, 400, "after")],
 )
