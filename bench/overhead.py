@@ -60,6 +60,8 @@ def start_proxy(upstream: str, data_dir: Path) -> tuple[subprocess.Popen[bytes],
     config = data_dir / "bench.yaml"
     config.write_text(json.dumps({
         "port": port, "data_dir": str(data_dir / "data"),
+        # The relay's own cost; memory's is measured by bench/memory_latency.py.
+        "memory": {"enabled": False},
         "models": [
             {"name": "direct", "backend": "litellm", "model": "openai/fake-model",
              "api_base": upstream, "max_retries": 0},
