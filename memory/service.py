@@ -97,15 +97,18 @@ class MemoryService:
         query = " ".join(new_user_turns(messages))
         if not query or top_k == 0:
             return Recall(messages=messages)
-        cubes = self._cubes(turn)
-        await asyncio.to_thread(self._check_cubes, turn.tenant, cubes[1:])
-        hits = await asyncio.to_thread(
-            self.retriever.search, Scope(tenant=turn.tenant, cube_ids=cubes), query, top_k)
+        hits = await asyncio.to_thread(self._recall_hits, turn, query, top_k)
         budget = options.get("max_tokens", self.config.max_tokens)
         block, ids = build_block([h.item for h in hits], budget, self.counter_for(turn.model))
         if ids:
             self._touch_later(turn.tenant, ids)
         return Recall(messages=inject(messages, block), memory_ids=ids)
+
+    def _recall_hits(self, turn: Turn, query: str, top_k: int) -> list[Hit]:
+        """One trip off the event loop: check the mounted cubes, then search them."""
+        cubes = self._cubes(turn)
+        self._check_cubes(turn.tenant, cubes[1:], param="memory.cubes")
+        return self.retriever.search(Scope(tenant=turn.tenant, cube_ids=cubes), query, top_k)
 
     def _touch_later(self, tenant: str, ids: list[str]) -> None:
         """Access counts are bookkeeping: the request does not wait for them."""
@@ -118,10 +121,10 @@ class MemoryService:
         if not task.cancelled() and task.exception() is not None:
             log.warning("recording memory access failed: %s", type(task.exception()).__name__)
 
-    def _check_cubes(self, tenant: str, cube_ids: Iterable[str]) -> None:
+    def _check_cubes(self, tenant: str, cube_ids: Iterable[str], *, param: str) -> None:
         for cube_id in cube_ids:
             if self.store.get_cube(tenant, cube_id) is None:
-                raise MemoryNotFound(f"No cube '{cube_id}'.", param="memory.cubes")
+                raise MemoryNotFound(f"No cube '{cube_id}'.", param=param)
 
     async def remember(self, turn: Turn, messages: list[dict[str, Any]],
                        reply: str | None) -> None:
@@ -129,7 +132,8 @@ class MemoryService:
             return
         write_cube = turn.options.get("write_cube")
         if write_cube:
-            await asyncio.to_thread(self._check_cubes, turn.tenant, [write_cube])
+            await asyncio.to_thread(self._check_cubes, turn.tenant, [write_cube],
+                                    param="memory.write_cube")
         exchange = Exchange(request_id=turn.request_id, tenant=turn.tenant, user=turn.user,
                             session_id=turn.session_id, model=turn.model,
                             messages=list(messages), reply=reply,
@@ -175,10 +179,6 @@ class MemoryService:
             if normalise(hit.item.text) == key:
                 return hit.item
         return None
-
-    def _apply(self, tenant: str, user: str, cube_id: str, request_id: str,
-               ops: Sequence[Operation]) -> list[MemoryItem]:
-        return self._apply_many([(tenant, user, cube_id, request_id, list(ops))])
 
     def _apply_many(self, plans: Sequence[tuple[str, str, str, str, list[Operation]]]
                     ) -> list[MemoryItem]:
@@ -244,7 +244,7 @@ class MemoryService:
             cube = spec.get("cube_id") or default_cube_id(tenant, user)
             if cube not in checked:
                 self._ensure_default_cube(tenant, user, cube)
-                self._check_cubes(tenant, [cube])
+                self._check_cubes(tenant, [cube], param="cube_id")
                 checked.add(cube)
             clean = redact(spec["text"]).strip()
             if not clean:
@@ -289,7 +289,7 @@ class MemoryService:
                cube_ids: Sequence[str] | None = None, top_k: int = 10,
                statuses: Sequence[MemoryStatus] = ("active",)) -> list[Hit]:
         if cube_ids:
-            self._check_cubes(tenant, cube_ids)
+            self._check_cubes(tenant, cube_ids, param="cubes")
         scope = Scope(tenant=tenant, cube_ids=list(cube_ids) if cube_ids else None, user=user,
                       statuses=tuple(statuses))
         return self.retriever.search(scope, query, top_k)

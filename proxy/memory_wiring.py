@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
 
 from memory.embedding.base import Embedder
 from memory.extract import FineExtractor
@@ -51,7 +51,7 @@ def build_store(settings: Settings, embedder: Embedder) -> MemoryStore:
                      dim=embedder.dim)
 
 
-def token_counters(backends: dict[str, ChatBackend]) -> Any:
+def token_counters(backends: dict[str, ChatBackend]) -> Callable[[str], TokenCounter]:
     """The local model counts with its own tokenizer; upstream models with tiktoken."""
 
     def counter_for(model: str) -> TokenCounter:
