@@ -116,9 +116,11 @@ class ProxyMiddleware:
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []),
                                       (REQUEST_ID_HEADER.encode(), header_value)]
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
+                # Recorded before the last byte leaves: a client that reads /metrics or
+                # the log right after its response must find this request there.
                 record()
+            await send(message)
 
         received = 0
 
