@@ -55,12 +55,16 @@ def turns(conversation: dict[str, Any]) -> list[dict[str, Any]]:
     n = 1
     while f"session_{n}" in conversation:
         at = session_time(conversation[f"session_{n}_date_time"])
+        before = None
         for turn in conversation[f"session_{n}"]:
             text = f"{turn['speaker']}: {turn['text']}"
             if turn.get("blip_caption"):
                 text += f" [shares a photo: {turn['blip_caption']}]"
-            out.append({"text": text, "dia_id": turn["dia_id"], "session": f"session_{n}",
-                        "at": at})
+            # The context of a turn is the one it answers, as fast mode records the
+            # assistant message a user turn replies to.
+            out.append({"text": text, "context": before, "dia_id": turn["dia_id"],
+                        "session": f"session_{n}", "at": at})
+            before = text
         n += 1
     return out
 
@@ -98,7 +102,8 @@ def main() -> None:
             for i in range(0, len(rows), 200):
                 batch = rows[i:i + 200]
                 r = client.post("/memories", json={"items": [
-                    {"text": t["text"], "user": user, "type": "raw", "created_at": t["at"],
+                    {"text": t["text"], "context": t["context"], "user": user, "type": "raw",
+                     "created_at": t["at"],
                      "sources": [{"ref": t["dia_id"], "session_id": t["session"],
                                   "role": "user", "at": t["at"]}]} for t in batch]})
                 r.raise_for_status()

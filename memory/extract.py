@@ -41,6 +41,7 @@ class Operation:
     text: str = ""
     type: MemoryType = "raw"
     target: str | None = None  # the id an UPDATE or DELETE acts on
+    context: str | None = None  # what the text answered (see MemoryItem.context)
     sources: list[Source] = field(default_factory=list)
     extractor: str = "fast"
 
@@ -68,10 +69,30 @@ def new_user_turns(messages: Sequence[dict[str, Any]]) -> list[str]:
     return out[::-1]
 
 
+#: Longest context kept with a fast memory: enough for the question a turn answers.
+CONTEXT_CHARS = 1000
+
+
+def reply_context(messages: Sequence[dict[str, Any]]) -> str | None:
+    """The last assistant message before the trailing user turns: what they answer."""
+    at = len(messages)
+    while at > 0 and messages[at - 1].get("role") == "user":
+        at -= 1
+    for message in reversed(messages[:at]):
+        if message.get("role") == "assistant":
+            text = message_text(message).strip()
+            return text[-CONTEXT_CHARS:] or None
+        if message.get("role") not in ("tool", "function"):
+            return None
+    return None
+
+
 def fast(turn: Turn) -> list[Operation]:
     source = Source(request_id=turn.request_id, session_id=turn.session_id, role="user",
                     at=turn.at)
-    return [Operation("ADD", text=t, type="raw", sources=[source], extractor="fast")
+    context = reply_context(turn.messages)
+    return [Operation("ADD", text=t, type="raw", context=context, sources=[source],
+                      extractor="fast")
             for t in new_user_turns(turn.messages)]
 
 

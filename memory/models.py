@@ -64,6 +64,10 @@ class MemoryItem(BaseModel):
     cube_id: str
     user: str
     text: str
+    context: str | None = Field(default=None, description=(
+        "What the memory was said in reply to (e.g. the assistant message before a user "
+        "turn): searched with a lower weight, never injected, so a bare \"Yes, every "
+        "Sunday\" is found by the question it answers."))
     type: MemoryType = "raw"
     tags: list[str] = Field(default_factory=list)
     pinned: bool = False
@@ -84,7 +88,8 @@ class MemoryItem(BaseModel):
         """The contract's shape (tenant and internals left out)."""
         return {
             "id": self.id, "object": "memory", "cube_id": self.cube_id, "user": self.user,
-            "text": self.text, "type": self.type, "tags": list(self.tags), "pinned": self.pinned,
+            "text": self.text, "context": self.context, "type": self.type, "tags": list(self.tags),
+            "pinned": self.pinned,
             "status": self.status, "version": self.version, "created_at": self.created_at,
             "updated_at": self.updated_at, "access_count": self.access_count,
             "last_accessed_at": self.last_accessed_at, "extractor": self.extractor,

@@ -40,6 +40,11 @@ from memory.store.base import Hit, MemoryStore, Scope
 log = logging.getLogger(__name__)
 
 
+def _clean_context(context: str | None) -> str | None:
+    """Context is written like text: redacted, and dropped when nothing is left."""
+    return (redact(context).strip() or None) if context else None
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryConfig:
     enabled: bool = True
@@ -200,6 +205,7 @@ class MemoryService:
                     writes.append(MemoryItem(
                         id=stable_id("memory", tenant, cube_id, request_id, str(index)),
                         tenant=tenant, cube_id=cube_id, user=user, text=text, type=op.type,
+                        context=_clean_context(op.context),
                         created_at=min((s.at for s in op.sources), default=stamp),
                         updated_at=stamp, sources=op.sources, extractor=op.extractor))
                 elif op.kind in ("UPDATE", "DELETE") and op.target:
@@ -224,18 +230,18 @@ class MemoryService:
     # -- the memory API -----------------------------------------------------------------
 
     def create(self, tenant: str, user: str, text: str, *, cube_id: str | None = None,
-               type: MemoryType = "fact", tags: Sequence[str] = (), pinned: bool = False,
-               created_at: int | None = None, sources: Sequence[Source] = (),
+               context: str | None = None, type: MemoryType = "fact", tags: Sequence[str] = (),
+               pinned: bool = False, created_at: int | None = None, sources: Sequence[Source] = (),
                memory_id: str | None = None) -> MemoryItem:
         return self.create_many(tenant, [{
-            "user": user, "text": text, "cube_id": cube_id, "type": type, "tags": list(tags),
-            "pinned": pinned, "created_at": created_at, "sources": list(sources),
+            "user": user, "text": text, "cube_id": cube_id, "context": context, "type": type,
+            "tags": list(tags), "pinned": pinned, "created_at": created_at, "sources": list(sources),
             "id": memory_id}])[0]
 
     def create_many(self, tenant: str, items: Sequence[dict[str, Any]]) -> list[MemoryItem]:
         """Memories written at once (one embedding batch). A spec holds ``user``, ``text``
-        and optionally ``cube_id`` (default: the user's cube), ``type``, ``tags``,
-        ``pinned``, ``created_at``, ``sources`` and ``id``."""
+        and optionally ``cube_id`` (default: the user's cube), ``context``, ``type``,
+        ``tags``, ``pinned``, ``created_at``, ``sources`` and ``id``."""
         made: list[MemoryItem] = []
         stamp = now()
         checked: set[str] = set()
@@ -251,7 +257,8 @@ class MemoryService:
                 raise InvalidMemoryRequest("text must not be empty.", param="text")
             made.append(MemoryItem(
                 id=spec.get("id") or str(uuid.uuid4()), tenant=tenant, cube_id=cube, user=user,
-                text=clean, type=spec.get("type") or "fact", tags=list(spec.get("tags") or []),
+                text=clean, context=_clean_context(spec.get("context")),
+                type=spec.get("type") or "fact", tags=list(spec.get("tags") or []),
                 pinned=bool(spec.get("pinned")), created_at=spec.get("created_at") or stamp,
                 updated_at=stamp, sources=list(spec.get("sources") or []), extractor="api"))
         self._write(made)

@@ -64,6 +64,8 @@ class SourceIn(_Body):
 
 class MemoryIn(_Body):
     text: str = Field(min_length=1, max_length=20000)
+    context: str | None = Field(default=None, max_length=20000, description=(
+        "What the memory was said in reply to: searched at a lower weight, never injected."))
     user: str | None = Field(default=None, min_length=1, max_length=256)
     cube_id: str | None = None
     type: MemoryType = "fact"
@@ -140,7 +142,8 @@ async def create_memory(request: Request,
         made = await run(svc.create_many, t, specs)
         return listing([m.api() for m in made])
     item = await run(svc.create, t, caller_user(request, body.user), body.text,
-                     cube_id=body.cube_id, type=body.type, tags=body.tags, pinned=body.pinned,
+                     cube_id=body.cube_id, context=body.context, type=body.type, tags=body.tags,
+                     pinned=body.pinned,
                      created_at=body.created_at, sources=_sources(body.sources))
     return item.api()
 

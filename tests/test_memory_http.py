@@ -153,6 +153,20 @@ def test_memory_crud_versions_and_list_shapes(live: Live) -> None:
     assert [m["id"] for m in listed["data"]] == [made["id"]]
 
 
+def test_memory_context_is_stored_searched_and_kept_across_versions(live: Live) -> None:
+    made = api(live, "POST", "/memories", json={
+        "text": "Yes, the blue one", "user": "alice",
+        "context": "Did you end up buying the Brompton bicycle?"}).json()
+    assert made["context"] == "Did you end up buying the Brompton bicycle?"
+    found = api(live, "POST", "/memories/search",
+                json={"query": "Brompton", "user": "alice"}).json()["data"]
+    assert [m["id"] for m in found] == [made["id"]]
+    patched = api(live, "PATCH", f"/memories/{made['id']}", json={"tags": ["bike"]}).json()
+    assert patched["context"] == made["context"]
+    plain = api(live, "POST", "/memories", json={"text": "no context here"}).json()
+    assert plain["context"] is None
+
+
 def test_memory_list_pages(live: Live) -> None:
     api(live, "POST", "/memories", json={"items": [
         {"text": f"note {i}", "user": "alice"} for i in range(5)]})
@@ -175,6 +189,7 @@ def test_memory_list_pages(live: Live) -> None:
      ("POST", "/memories", {"user": "a"}, 400, "text"),
      ("POST", "/memories", {"text": ""}, 400, "text"),
      ("POST", "/memories", {"text": "x", "type": "gossip"}, 400, "type"),
+     ("POST", "/memories", {"text": "x", "context": 5}, 400, "context"),
      ("POST", "/memories/search", {"query": "x", "top_k": 0}, 400, "top_k"),
      ("POST", "/cubes/nope/merge", {"source": "other"}, 404, None),
      ("POST", "/memories", {"items": [{"text": "x", "cube_id": "missing"}]}, 404, None),

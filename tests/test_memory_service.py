@@ -82,6 +82,30 @@ async def test_fast_mode_stores_user_turn_with_provenance(svc: MemoryService) ->
     assert svc.store.get_cube("t1", item.cube_id) is not None  # default cube made on first write
 
 
+async def test_fast_mode_keeps_the_message_a_turn_answers_as_searchable_context(
+        svc: MemoryService) -> None:
+    asked = [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "Which instrument do you play? key sk-abcdefghijklmnopqrstuv"}]
+    await svc.remember(turn(rid="req-1"), [*asked, *said("The cello, for years now")], "Lovely")
+    await svc.flush()
+    items, _ = svc.store.list_items("t1")
+    assert [i.text for i in items] == ["The cello, for years now"]
+    assert items[0].context is not None
+    assert items[0].context.startswith("Which instrument do you play?")
+    assert "sk-abcdefghijklmnopqrstuv" not in items[0].context  # redacted like text
+    # Found through the question's words; only the item's own text is injected.
+    recall = await svc.recall(turn(rid="r2"), said("what instrument do I play?"))
+    assert recall.memory_ids == [items[0].id]
+    assert "The cello, for years now" in recall.messages[0]["content"]
+    assert "Which instrument" not in recall.messages[0]["content"]
+
+
+async def test_a_first_turn_has_no_context(svc: MemoryService) -> None:
+    await tell(svc, "I live in Lisbon")
+    items, _ = svc.store.list_items("t1")
+    assert items[0].context is None
+
+
 async def test_recall_injects_memories_as_fenced_system_data(svc: MemoryService) -> None:
     await tell(svc, "My cat is called Miso")
     recall = await svc.recall(turn(rid="r2"), said("what is my cat called?"))

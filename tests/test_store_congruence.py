@@ -267,6 +267,19 @@ def test_sparse_search_finds_rare_words_and_weights_them_by_idf(store: MemorySto
     assert store.search_sparse(Scope("t1"), "the of a", 10) == []  # stopwords only
 
 
+def test_context_is_searched_below_the_items_own_words(store: MemoryStore) -> None:
+    # A bare reply is found through the question it answered, but an item that says
+    # the word itself ranks first; the context comes back stored, unchanged.
+    put(store, mk("reply", "Yes, every Sunday since I was ten!",
+                  context="Do you still play the clarinet?"),
+        mk("direct", "My clarinet needs a new reed"), mk("other", "Sunday lunch at noon"))
+    assert ids(store.search_sparse(Scope("t1"), "clarinet", 10)) == ["direct", "reply"]
+    assert ids(store.search_sparse(Scope("t1"), "sunday", 10))[0] in ("reply", "other")
+    got = store.get("t1", "reply")
+    assert got is not None and got.context == "Do you still play the clarinet?"
+    assert store.get("t1", "direct").context is None  # type: ignore[union-attr]
+
+
 def test_idf_is_measured_over_the_tenants_current_items_only(store: MemoryStore) -> None:
     put(store, *(mk(k, v) for k, v in SPARSE_TEXTS.items()))
     alone = [(h.item.id, h.score) for h in store.search_sparse(Scope("t1"), "pizza zanzibar", 10)]

@@ -141,7 +141,7 @@ class EdgeStore(MemoryStore):
             raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
         points = []
         for item, vector, current in zip(items, vectors, c.batch_currents(items), strict=True):
-            indices, values = c.sparse_document(item.text)
+            indices, values = c.sparse_item(item)
             points.append(Point(c.point_id(item),
                                 {c.DENSE: c.check_vector(vector, self.dim),
                                  c.SPARSE: SparseVector(indices, values)},

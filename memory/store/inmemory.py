@@ -17,6 +17,17 @@ from memory.store.base import Hit, MemoryStore, Scope, StoreMismatchError
 _WORD = re.compile(r"\w+")
 
 
+
+def _words(item: MemoryItem) -> Counter[str]:
+    """Term weights of an item: its text, and its context at half weight (as the
+    Qdrant stores do, roughly)."""
+    counts: Counter[str] = Counter()
+    for word in _WORD.findall(item.text.lower()):
+        counts[word] += 1
+    for word in _WORD.findall((item.context or "").lower()):
+        counts[word] += 0.5  # type: ignore[assignment]
+    return counts
+
 class InMemoryStore(MemoryStore):
     def __init__(self, *, embedding_model: str, dim: int) -> None:
         self.embedding_model = embedding_model
@@ -73,7 +84,7 @@ class InMemoryStore(MemoryStore):
         return sorted(hits, key=lambda h: h.score, reverse=True)[:limit]
 
     def search_sparse(self, scope: Scope, text: str, limit: int) -> list[Hit]:
-        docs = [(i, Counter(_WORD.findall(i.text.lower()))) for i, _ in self._visible(scope)]
+        docs = [(i, _words(i)) for i, _ in self._visible(scope)]
         if not docs:
             return []
         avg = sum(sum(c.values()) for _, c in docs) / len(docs)
@@ -83,7 +94,7 @@ class InMemoryStore(MemoryStore):
             score = 0.0
             length = sum(counts.values())
             for term in terms:
-                tf = counts.get(term, 0)
+                tf = counts.get(term, 0.0)
                 if not tf:
                     continue
                 df = sum(1 for _, c in docs if term in c)

@@ -145,7 +145,7 @@ class ServerStore(MemoryStore):
             raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
         points = []
         for item, vector, current in zip(items, vectors, c.batch_currents(items), strict=True):
-            indices, values = c.sparse_document(item.text)
+            indices, values = c.sparse_item(item)
             points.append(m.PointStruct(
                 id=c.point_id(item),
                 vector={c.DENSE: c.check_vector(vector, self.dim),
