@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from memory.access import AccessRecorder
 from memory.embedding.base import Embedder
 from memory.errors import InvalidMemoryRequest, MemoryNotFound
 from memory.extract import FineExtractor, Operation, fast, new_user_turns
@@ -67,18 +68,19 @@ class MemoryService:
         self.counter_for = counter_for or (lambda model: lambda text: len(text) // 4 + 1)
         self.fine = fine
         self.worker = WriteBackWorker(outbox, self._handle)
-        self._background: set[asyncio.Future[None]] = set()
+        self.access = AccessRecorder(store)
 
     async def start(self) -> None:
         self.worker.start()
 
     async def stop(self) -> None:
         await self.worker.stop()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.access.stop()
 
     async def flush(self) -> None:
+        """Every exchange acknowledged so far is written back, and every access counted."""
         await self.worker.flush()
+        await self.access.flush()
 
     def close(self) -> None:
         self.outbox.close()
@@ -106,7 +108,7 @@ class MemoryService:
         budget = options.get("max_tokens", self.config.max_tokens)
         block, ids = build_block([h.item for h in hits], budget, self.counter_for(turn.model))
         if ids:
-            self._touch_later(turn.tenant, ids)
+            self.access.record(turn.tenant, ids, now())
         return Recall(messages=inject(messages, block), memory_ids=ids)
 
     def _recall_hits(self, turn: Turn, query: str, top_k: int) -> list[Hit]:
@@ -114,17 +116,6 @@ class MemoryService:
         cubes = self._cubes(turn)
         self._check_cubes(turn.tenant, cubes[1:], param="memory.cubes")
         return self.retriever.search(Scope(tenant=turn.tenant, cube_ids=cubes), query, top_k)
-
-    def _touch_later(self, tenant: str, ids: list[str]) -> None:
-        """Access counts are bookkeeping: the request does not wait for them."""
-        task = asyncio.ensure_future(asyncio.to_thread(self.store.touch, tenant, ids, now()))
-        self._background.add(task)
-        task.add_done_callback(self._touched)
-
-    def _touched(self, task: asyncio.Future[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("recording memory access failed: %s", type(task.exception()).__name__)
 
     def _check_cubes(self, tenant: str, cube_ids: Iterable[str], *, param: str) -> None:
         for cube_id in cube_ids:

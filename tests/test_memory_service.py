@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -116,7 +115,9 @@ async def test_recall_injects_memories_as_fenced_system_data(svc: MemoryService)
     assert "My cat is called Miso" in system["content"]
     assert recall.messages[1:] == said("what is my cat called?")
     assert len(recall.memory_ids) == 1
-    await asyncio.gather(*svc._background)  # access counts are written off the request path
+    # Access counts are written off the request path, coalesced; flush writes them.
+    assert svc.store.get("t1", recall.memory_ids[0]).access_count == 0  # type: ignore[union-attr]
+    await svc.flush()
     assert svc.store.get("t1", recall.memory_ids[0]).access_count == 1  # type: ignore[union-attr]
 
 
