@@ -39,6 +39,27 @@ def minilm(minilm_dir: Path) -> Iterator[MiniLMEmbedder]:
     embedder.close()
 
 
+#: How far a text's vector may move between a packed call and a call of its own. llama.cpp
+#: picks other matmul kernels for each; at q8_0 the activations are also quantized per
+#: call (measured, deterministically: worst cosine 0.99942 and max diff 4.9e-3, on
+#: the empty text; far below what moves a ranking); at f16 only rounding differs
+#: (measured: max diff ~2e-4).
+PACKING_TOLERANCE = {"q8_0": (1e-2, 0.999), "f16": (1e-3, 0.99999)}
+
+
+@pytest.fixture(scope="module", params=sorted(PACKING_TOLERANCE))
+def any_minilm(request: pytest.FixtureRequest, minilm: MiniLMEmbedder,
+               minilm_dir: Path) -> Iterator[tuple[MiniLMEmbedder, float, float]]:
+    """The default embedder, and f16 beside it, each with its packing tolerance."""
+    max_diff, min_cos = PACKING_TOLERANCE[request.param]
+    if minilm.model_id.endswith(request.param):
+        yield minilm, max_diff, min_cos
+        return
+    other = MiniLMEmbedder(minilm_dir, precision=request.param)
+    yield other, max_diff, min_cos
+    other.close()
+
+
 # --- MiniLM on llama.cpp -------------------------------------------------------------
 
 
@@ -56,10 +77,12 @@ def test_minilm_matches_sentence_transformers_reference(minilm: MiniLMEmbedder) 
 
 def test_minilm_identity(minilm: MiniLMEmbedder) -> None:
     assert minilm.dim == 384
-    assert minilm.model_id == "all-MiniLM-L6-v2:gguf-f16"
+    assert minilm.model_id == "all-MiniLM-L6-v2:gguf-q8_0"
 
 
-def test_minilm_vectors_unit_length_and_batch_equals_single(minilm: MiniLMEmbedder) -> None:
+def test_minilm_vectors_unit_length_and_batch_equals_single(
+        any_minilm: tuple[MiniLMEmbedder, float, float]) -> None:
+    minilm, max_diff, min_cos = any_minilm
     texts = [item["text"] for item in REFERENCE]
     batched = minilm.embed(texts)
     single = [minilm.embed_one(t) for t in texts]
@@ -67,19 +90,19 @@ def test_minilm_vectors_unit_length_and_batch_equals_single(minilm: MiniLMEmbedd
     for b, s in zip(batched, single, strict=True):
         assert len(b) == 384
         assert math.isclose(math.sqrt(sum(x * x for x in b)), 1.0, abs_tol=1e-5)
-        # Not bit-identical: llama.cpp picks other matmul kernels (and f16 rounding of
-        # activations) for a packed call than for a lone text; measured max diff ~2e-4.
-        assert max(abs(x - y) for x, y in zip(b, s, strict=True)) < 1e-3
-        assert cosine(b, s) > 0.99999
+        assert max(abs(x - y) for x, y in zip(b, s, strict=True)) < max_diff
+        assert cosine(b, s) > min_cos
 
 
-def test_minilm_batch_larger_than_one_call(minilm: MiniLMEmbedder) -> None:
+def test_minilm_batch_larger_than_one_call(
+        any_minilm: tuple[MiniLMEmbedder, float, float]) -> None:
+    minilm, _, min_cos = any_minilm
     texts = [f"memory number {i}: the user mentioned item {i} in passing" for i in range(150)]
     vectors = minilm.embed(texts)
     assert len(vectors) == 150
     again = minilm.embed(texts[137:140])
     for a, b in zip(vectors[137:140], again, strict=True):
-        assert cosine(a, b) > 0.99999
+        assert cosine(a, b) > min_cos
 
 
 def test_minilm_truncates_long_text_to_256_tokens(minilm: MiniLMEmbedder) -> None:

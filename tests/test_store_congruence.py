@@ -386,6 +386,16 @@ def test_opening_with_another_model_or_dimension_is_refused(backend: Backend) ->
     assert backend.open().get("t1", "m1") is not None
 
 
+def test_the_same_model_at_another_precision_opens_the_store(backend: Backend) -> None:
+    put(backend.open(model="all-MiniLM-L6-v2:gguf-f16"), mk("m1", "kept"))
+    store = backend.open(model="all-MiniLM-L6-v2:gguf-q8_0")
+    assert store.get("t1", "m1") is not None
+    with pytest.raises(StoreMismatchError):
+        backend.open(model="all-MiniLM-L12-v2:gguf-q8_0")
+    with pytest.raises(StoreMismatchError):
+        backend.open(model="all-MiniLM-L6-v2")  # an embeddings API of that name: not ours
+
+
 def test_edge_store_reopens_with_everything(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path / "s", embedding_model=EMB.model_id, dim=EMB.dim)
     put(store, *(mk(k, v) for k, v in SPARSE_TEXTS.items()))

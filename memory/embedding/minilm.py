@@ -41,7 +41,11 @@ class MiniLMEmbedder(Embedder):
     """all-MiniLM-L6-v2 (mean pooling, L2-normalised, 256-token window) via llama.cpp.
 
     ``precision`` picks the stored weight type (see :data:`memory.embedding.convert.Precision`);
-    it is part of ``model_id``. ``batch_size`` caps how many texts share one llama.cpp call.
+    it is part of ``model_id``. The default, q8_0, embeds a query in about 2.7 ms on two
+    cores against f16's 3.6-4.6 ms, and a write-back batch about 20% faster, at a
+    minimum cosine of 0.998 with sentence-transformers (f16: 0.99999); every precision
+    gives vectors of one space, so stores accept any of them (see ``same_model``).
+    ``batch_size`` caps how many texts share one llama.cpp call.
     """
 
     dim = DIM
@@ -52,7 +56,7 @@ class MiniLMEmbedder(Embedder):
         *,
         n_threads: int | None = None,
         batch_size: int = 64,
-        precision: Precision = "f16",
+        precision: Precision = "q8_0",
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
