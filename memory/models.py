@@ -8,6 +8,8 @@ old ones; delete is a new version with status ``deleted`` (soft).
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -36,6 +38,17 @@ def version_point_id(tenant: str, memory_id: str, version: int) -> str:
     item ids can come from outside (imports), and two tenants' items with one id must
     never overwrite each other's points."""
     return stable_id("version", tenant, memory_id, str(version))
+
+
+def normalise(text: str) -> str:
+    """The form two texts are compared in for duplicates: case and spacing ignored."""
+    return re.sub(r"\s+", " ", text.casefold()).strip()
+
+
+def text_key(text: str) -> str:
+    """A short fixed-size key of the normalised text, indexed by the stores so a
+    duplicate is found by one index lookup instead of a search."""
+    return hashlib.sha256(normalise(text).encode()).hexdigest()[:32]
 
 
 def now() -> int:

@@ -7,11 +7,11 @@ cosine and BM25 scores live on different scales.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memory.embedding.base import Embedder
+from memory.models import normalise
 from memory.store.base import Hit, MemoryStore, Scope
 
 
@@ -23,10 +23,6 @@ class RetrievalConfig:
     dense_weight: float = 0.7
     sparse_weight: float = 1.0
     rrf_k: int = 10
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.casefold()).strip()
 
 
 def fuse(dense: Sequence[Hit], sparse: Sequence[Hit], config: RetrievalConfig) -> list[Hit]:

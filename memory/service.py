@@ -30,12 +30,14 @@ from memory.models import (
     MemoryType,
     Source,
     default_cube_id,
+    normalise,
     now,
     stable_id,
+    text_key,
 )
 from memory.outbox import Exchange, Outbox, WriteBackWorker
 from memory.redact import redact
-from memory.retrieval import RetrievalConfig, Retriever, normalise
+from memory.retrieval import RetrievalConfig, Retriever
 from memory.store.base import Hit, MemoryStore, Scope
 
 log = logging.getLogger(__name__)
@@ -169,17 +171,22 @@ class MemoryService:
             self.store.put_cube(Cube(id=cube_id, tenant=tenant, name=f"{user} (default)",
                                      kind="user", owner=user))
 
-    def _duplicate(self, tenant: str, cube_id: str, text: str) -> MemoryItem | None:
-        key = normalise(text)
-        for hit in self.store.search_sparse(Scope(tenant=tenant, cube_ids=[cube_id]), text, 5):
-            if normalise(hit.item.text) == key:
-                return hit.item
-        return None
+    def _stored_texts(self, plans: Sequence[tuple[str, str, str, str, list[Operation]]]
+                      ) -> set[tuple[str, str, str]]:
+        """(tenant, cube, text key) of every ADD in the batch that its cube already holds:
+        one index lookup per cube, not a search per memory."""
+        wanted: dict[tuple[str, str], set[str]] = {}
+        for tenant, _user, cube_id, _request, ops in plans:
+            keys = wanted.setdefault((tenant, cube_id), set())
+            keys.update(text_key(redact(op.text)) for op in ops if op.kind == "ADD")
+        return {(tenant, cube_id, key) for (tenant, cube_id), keys in wanted.items() if keys
+                for key in self.store.existing_texts(tenant, cube_id, sorted(keys))}
 
     def _apply_many(self, plans: Sequence[tuple[str, str, str, str, list[Operation]]]
                     ) -> list[MemoryItem]:
         writes: list[MemoryItem] = []
-        written: set[tuple[str, str, str]] = set()  # (tenant, cube, text) in this batch
+        # (tenant, cube, text key): in the store already, or written earlier in this batch
+        written = self._stored_texts(plans)
         cubes_seen: set[tuple[str, str]] = set()
         stamp = now()
         for tenant, user, cube_id, request_id, ops in plans:
@@ -189,8 +196,8 @@ class MemoryService:
             for index, op in enumerate(ops):
                 text = redact(op.text).strip()
                 if op.kind == "ADD":
-                    key = (tenant, cube_id, normalise(text))
-                    if not text or key in written or self._duplicate(tenant, cube_id, text):
+                    key = (tenant, cube_id, text_key(text))
+                    if not text or key in written:
                         continue
                     written.add(key)
                     writes.append(MemoryItem(

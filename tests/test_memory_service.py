@@ -136,6 +136,15 @@ async def test_replayed_exchange_does_not_duplicate(svc: MemoryService) -> None:
     assert [i.text for i in svc.store.list_items("t1")[0]] == ["I play the cello"]
 
 
+async def test_one_batch_with_the_same_words_twice_keeps_one(svc: MemoryService) -> None:
+    await svc.remember(turn(rid="a"), said("My sister lives in Porto"), "ok")
+    await svc.remember(turn(rid="b"), said("my sister  lives in porto"), "ok")
+    await svc.remember(turn(rid="c", user="bob"), said("My sister lives in Porto"), "ok")
+    await svc.flush()  # one worker batch or several: the same words are kept once per user
+    texts = sorted((i.user, i.text) for i in svc.store.list_items("t1")[0])
+    assert texts == [("alice", "My sister lives in Porto"), ("bob", "My sister lives in Porto")]
+
+
 async def test_write_false_and_enabled_false(svc: MemoryService) -> None:
     await svc.remember(turn(write=False), said("do not keep this"), "ok")
     await svc.flush()

@@ -18,7 +18,7 @@ import pytest
 from qdrant_client import QdrantClient
 
 from memory.embedding.base import HashEmbedder
-from memory.models import Cube, MemoryItem, Source
+from memory.models import Cube, MemoryItem, Source, text_key
 from memory.store import MemoryStore, Scope, StoreError, StoreMismatchError
 from memory.store.edge import EdgeStore
 from memory.store.server import ServerStore
@@ -278,6 +278,17 @@ def test_context_is_searched_below_the_items_own_words(store: MemoryStore) -> No
     got = store.get("t1", "reply")
     assert got is not None and got.context == "Do you still play the clarinet?"
     assert store.get("t1", "direct").context is None  # type: ignore[union-attr]
+
+
+def test_existing_texts_finds_active_current_items_of_the_cube_only(store: MemoryStore) -> None:
+    put(store, mk("a", "I like  Tea"), mk("b", "old words", version=1),
+        mk("b", "new words", version=2), mk("d", "gone", status="deleted"),
+        mk("o", "other cube", cube="c2"), mk("x", "I like tea", tenant="t2"))
+    asked = {text_key(t): t for t in ("i like tea", "old words", "new words", "gone",
+                                       "other cube", "never said")}
+    found = store.existing_texts("t1", "c1", sorted(asked))
+    assert sorted(asked[k] for k in found) == ["i like tea", "new words"]
+    assert store.existing_texts("t1", "c1", []) == set()
 
 
 def test_idf_is_measured_over_the_tenants_current_items_only(store: MemoryStore) -> None:

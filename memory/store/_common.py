@@ -28,7 +28,7 @@ from typing import Any
 
 from qdrant_edge import Bm25, Bm25Config
 
-from memory.models import Cube, MemoryItem, MemoryStatus, stable_id
+from memory.models import Cube, MemoryItem, MemoryStatus, stable_id, text_key
 from memory.store.base import Hit, Scope, StoreMismatchError
 
 DENSE = "dense"
@@ -37,7 +37,9 @@ SCHEMA = 1
 META_KEY = "memcube_store"
 
 #: Payload fields with an index: every memory filter uses some of them.
-KEYWORD_INDEXES = ("id", "cube_id", "user", "status")
+KEYWORD_INDEXES = ("id", "cube_id", "user", "status", "text_key")
+#: ``models.text_key`` of the item's text: exact duplicates by one index lookup.
+TEXT_KEY_FIELD = "text_key"
 TENANT_FIELD = "tenant"
 CURRENT_FIELD = "current"
 UNFLAG: dict[str, Any] = {CURRENT_FIELD: 0}
@@ -117,6 +119,12 @@ def list_where(tenant: str, user: str | None, cube_id: str | None,
     return tenant_where(tenant, *conds, current=True)
 
 
+def texts_where(tenant: str, cube_id: str, keys: Sequence[str]) -> Where:
+    """Active current items of a cube whose text has one of these keys."""
+    return tenant_where(tenant, Match("cube_id", cube_id), Match("status", "active"),
+                        MatchIn(TEXT_KEY_FIELD, tuple(keys)), current=True)
+
+
 def idf_corpus(tenant: str) -> Where:
     """IDF is measured over the tenant's current items: other tenants' words and
     superseded versions must not move a tenant's ranking."""
@@ -142,6 +150,7 @@ def point_id(item: MemoryItem) -> str:
 def item_payload(item: MemoryItem, *, current: bool) -> dict[str, Any]:
     payload = item.model_dump(mode="json")
     payload[CURRENT_FIELD] = int(current)
+    payload[TEXT_KEY_FIELD] = text_key(item.text)
     return payload
 
 

@@ -78,6 +78,12 @@ class MemoryStore(ABC):
         """Best BM25 matches among current items, best first."""
 
     @abstractmethod
+    def existing_texts(self, tenant: str, cube_id: str, keys: Sequence[str]) -> set[str]:
+        """Which of these ``models.text_key`` values an active current item of the cube
+        has (exact duplicates, up to case and spacing). Items written before the store
+        recorded text keys are not seen."""
+
+    @abstractmethod
     def count(self, tenant: str, *, cube_id: str | None = None) -> int:
         """Current items (any status)."""
 

@@ -90,6 +90,8 @@ class EdgeStore(MemoryStore):
                 [Point(_META_ID, {}, {c.META_KEY: c.meta(embedding_model, dim)})]))
             self._shard.flush()
             return
+        if c.TEXT_KEY_FIELD not in self._shard.info().payload_schema:  # a store from before it
+            self._shard.update(UpdateOperation.create_field_index(c.TEXT_KEY_FIELD, KeywordIndexParams()))
         found = self._shard.retrieve([_META_ID], with_payload=True, with_vector=False)
         try:
             c.check_meta((found[0].payload or {}).get(c.META_KEY) if found else None,
@@ -198,6 +200,13 @@ class EdgeStore(MemoryStore):
             limit=limit, query=Query.Nearest(SparseVector(indices, values), using=c.SPARSE),
             filter=_filter(where), with_payload=True, with_vector=False,
             params=SearchParams(idf=IdfParams(corpus=_filter(c.idf_corpus(scope.tenant))))))
+
+    def existing_texts(self, tenant: str, cube_id: str, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in c.chunks(sorted(set(keys))):
+            found.update(p.get(c.TEXT_KEY_FIELD, "") for _, p in
+                         self._scroll(c.texts_where(tenant, cube_id, chunk), [c.TEXT_KEY_FIELD]))
+        return found
 
     def count(self, tenant: str, *, cube_id: str | None = None) -> int:
         where = c.list_where(tenant, None, cube_id, None)

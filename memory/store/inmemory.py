@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from memory.models import Cube, MemoryItem, MemoryStatus
+from memory.models import Cube, MemoryItem, MemoryStatus, text_key
 from memory.store.base import Hit, MemoryStore, Scope, StoreMismatchError
 
 _WORD = re.compile(r"\w+")
@@ -103,6 +103,12 @@ class InMemoryStore(MemoryStore):
             if score > 0:
                 hits.append(Hit(item, score))
         return sorted(hits, key=lambda h: h.score, reverse=True)[:limit]
+
+    def existing_texts(self, tenant: str, cube_id: str, keys: Sequence[str]) -> set[str]:
+        wanted = set(keys)
+        return {k for item, _ in self._currents(tenant)
+                if item.cube_id == cube_id and item.status == "active"
+                and (k := text_key(item.text)) in wanted}
 
     def count(self, tenant: str, *, cube_id: str | None = None) -> int:
         return sum(1 for i, _ in self._currents(tenant) if cube_id is None or i.cube_id == cube_id)

@@ -82,6 +82,8 @@ class ServerStore(MemoryStore):
             for key in c.KEYWORD_INDEXES:
                 self._index(self.collection, key, m.PayloadSchemaType.KEYWORD)
         info = self.client.get_collection(self.collection)
+        if c.TEXT_KEY_FIELD not in (info.payload_schema or {}):  # a store from before it
+            self._index(self.collection, c.TEXT_KEY_FIELD, m.PayloadSchemaType.KEYWORD)
         where = f"{self.collection!r} ({self._location()})"
         c.check_meta((info.config.metadata or {}).get(c.META_KEY), self.embedding_model, self.dim, where)
         dense = info.config.params.vectors
@@ -205,6 +207,13 @@ class ServerStore(MemoryStore):
             self.collection, query=m.SparseVector(indices=indices, values=values), using=c.SPARSE,
             query_filter=_filter(where), search_params=params, limit=limit,
             with_payload=True, with_vectors=False).points)
+
+    def existing_texts(self, tenant: str, cube_id: str, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in c.chunks(sorted(set(keys))):
+            found.update(p.get(c.TEXT_KEY_FIELD, "") for _, p in self._scroll(
+                self.collection, c.texts_where(tenant, cube_id, chunk), [c.TEXT_KEY_FIELD]))
+        return found
 
     def count(self, tenant: str, *, cube_id: str | None = None) -> int:
         where = c.list_where(tenant, None, cube_id, None)
