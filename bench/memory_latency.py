@@ -7,7 +7,12 @@ For each size, one tenant's store is filled to that many memories, then:
 - recall: ``MemoryService.recall`` (embed the query, dense + BM25 search, fuse, pack
   the block with tiktoken) for ``--queries`` questions: p50/p95;
 - write-back: ``remember`` of ``--writes`` exchanges (fast mode) and ``flush``: memories/s
-  from the first append to the last upsert.
+  from the first append to the last upsert;
+- then a restart: the store is closed and opened again, which builds Qdrant Edge's
+  search index over what was written (``reopen_s``), and both are measured again
+  (``after_restart``). The first figures are a long-running process's worst case
+  (everything written since its start is searched by a full scan), the second a
+  freshly started one's.
 Filling 100k memories by embedding each would take minutes, so the fill embeds a
 pool of 2,000 distinct sentences and stores the rest as noisy copies of their vectors
 (texts stay distinct, so BM25 sees a real index). Progress on stderr; one JSON line.
@@ -105,9 +110,13 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     pool_texts = [sentence(rng, 10**8 + i) for i in range(2000)]
     pool = np.array(embedder.embed(pool_texts), dtype=np.float32)
     log("embedded the pool of 2000 sentences")
-    store = EdgeStore(data / "qdrant", embedding_model=embedder.model_id, dim=embedder.dim)
-    service = MemoryService(store=store, embedder=embedder, outbox=Outbox(data / "outbox.db"),
-                            config=MemoryConfig(), counter_for=lambda m: tiktoken_counter())
+
+    def open_service() -> MemoryService:
+        store = EdgeStore(data / "qdrant", embedding_model=embedder.model_id, dim=embedder.dim)
+        return MemoryService(store=store, embedder=embedder, outbox=Outbox(data / "outbox.db"),
+                             config=MemoryConfig(), counter_for=lambda m: tiktoken_counter())
+
+    service = open_service()
     await service.start()
     tenant, user = "bench", "u1"
     queries = [f"What did {rng.choice(PEOPLE)} do with {rng.choice(THINGS)}?"
@@ -116,14 +125,29 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     have = 0
     for size in args.sizes:
         t0 = time.perf_counter()
-        fill(store, embedder, tenant, user, size, have, rng, pool)
+        assert isinstance(service.store, EdgeStore)
+        fill(service.store, embedder, tenant, user, size, have, rng, pool)
         have = size
         log(f"size {size}: filled in {time.perf_counter() - t0:.1f}s; measuring")
-        results[str(size)] = await measure(service, queries, args.writes, tenant, user, rng)
+        figures: dict[str, object] = dict(
+            await measure(service, queries, args.writes, tenant, user, rng))
         have += args.writes
-        log(f"size {size}: {results[str(size)]}")
+        log(f"size {size}: {figures}; restarting")
+        await service.stop()
+        service.outbox.close()
+        service.store.close()
+        t0 = time.perf_counter()
+        service = open_service()
+        figures["reopen_s"] = round(time.perf_counter() - t0, 2)
+        await service.start()
+        figures["after_restart"] = await measure(service, queries, args.writes, tenant, user, rng)
+        have += args.writes
+        results[str(size)] = figures
+        log(f"size {size}: {figures}")
     await service.stop()
-    service.close()
+    service.outbox.close()
+    service.store.close()
+    embedder.close()
     return {"bench": "memory_latency", "queries": args.queries, "writes": args.writes,
             "embedder": embedder.model_id, **results}
 

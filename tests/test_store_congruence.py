@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
@@ -405,6 +406,28 @@ def test_the_same_model_at_another_precision_opens_the_store(backend: Backend) -
         backend.open(model="all-MiniLM-L12-v2:gguf-q8_0")
     with pytest.raises(StoreMismatchError):
         backend.open(model="all-MiniLM-L6-v2")  # an embeddings API of that name: not ours
+
+
+def test_edge_store_builds_its_search_index_when_opened(tmp_path: Path) -> None:
+    # Enough 384-dim points for Edge to index (measured threshold: between 6k and 8k).
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(8000, 384))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store = EdgeStore(tmp_path / "s", embedding_model="m", dim=384)
+    for lo in range(0, 8000, 2000):
+        store.upsert([mk(f"m{n}", f"note {n}") for n in range(lo, lo + 2000)],
+                     vectors[lo:lo + 2000].tolist())
+    before = store._shard.info().indexed_vectors_count  # type: ignore[attr-defined]
+    query = vectors[1234].tolist()
+    scanned = [h.item.id for h in store.search_dense(Scope("t1"), query, 10)]
+    assert scanned[0] == "m1234"
+    store.close()
+    store = EdgeStore(tmp_path / "s", embedding_model="m", dim=384)
+    assert store._shard.info().indexed_vectors_count == before + 8000  # type: ignore[attr-defined]
+    indexed = [h.item.id for h in store.search_dense(Scope("t1"), query, 10)]
+    # Approximate search: the same item first, and (nearly) the same neighbours.
+    assert indexed[0] == "m1234" and len(set(indexed) & set(scanned)) >= 8
+    store.close()
 
 
 def test_edge_store_reopens_with_everything(tmp_path: Path) -> None:
