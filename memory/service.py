@@ -171,30 +171,33 @@ class MemoryService:
             self.store.put_cube(Cube(id=cube_id, tenant=tenant, name=f"{user} (default)",
                                      kind="user", owner=user))
 
-    def _stored_texts(self, plans: Sequence[tuple[str, str, str, str, list[Operation]]]
-                      ) -> set[tuple[str, str, str]]:
+    def _stored_texts(self, plans: Sequence[tuple[str, str, str, str, list[Operation]]],
+                      texts: Sequence[Sequence[str]]) -> set[tuple[str, str, str]]:
         """(tenant, cube, text key) of every ADD in the batch that its cube already holds:
-        one index lookup per cube, not a search per memory."""
+        one index lookup per cube, not a search per memory. ``texts``: each plan's
+        operation texts, already redacted."""
         wanted: dict[tuple[str, str], set[str]] = {}
-        for tenant, _user, cube_id, _request, ops in plans:
+        for (tenant, _user, cube_id, _request, ops), cleaned in zip(plans, texts, strict=True):
             keys = wanted.setdefault((tenant, cube_id), set())
-            keys.update(text_key(redact(op.text)) for op in ops if op.kind == "ADD")
+            keys.update(text_key(t) for op, t in zip(ops, cleaned, strict=True)
+                        if op.kind == "ADD" and t)
         return {(tenant, cube_id, key) for (tenant, cube_id), keys in wanted.items() if keys
                 for key in self.store.existing_texts(tenant, cube_id, sorted(keys))}
 
     def _apply_many(self, plans: Sequence[tuple[str, str, str, str, list[Operation]]]
                     ) -> list[MemoryItem]:
         writes: list[MemoryItem] = []
+        # Redacted once: the duplicate check and the write both read these.
+        texts = [[redact(op.text).strip() for op in plan[4]] for plan in plans]
         # (tenant, cube, text key): in the store already, or written earlier in this batch
-        written = self._stored_texts(plans)
+        written = self._stored_texts(plans, texts)
         cubes_seen: set[tuple[str, str]] = set()
         stamp = now()
-        for tenant, user, cube_id, request_id, ops in plans:
+        for (tenant, user, cube_id, request_id, ops), cleaned in zip(plans, texts, strict=True):
             if (tenant, cube_id) not in cubes_seen:
                 self._ensure_default_cube(tenant, user, cube_id)
                 cubes_seen.add((tenant, cube_id))
-            for index, op in enumerate(ops):
-                text = redact(op.text).strip()
+            for index, (op, text) in enumerate(zip(ops, cleaned, strict=True)):
                 if op.kind == "ADD":
                     key = (tenant, cube_id, text_key(text))
                     if not text or key in written:
