@@ -44,11 +44,12 @@ def build_store(settings: Settings, embedder: Embedder) -> MemoryStore:
         key_env = settings.qdrant.api_key_env
         return ServerStore.from_url(settings.qdrant.url,
                                     api_key=os.environ.get(key_env) if key_env else None,
-                                    embedding_model=embedder.model_id, dim=embedder.dim)
+                                    embedding_model=embedder.model_id, dim=embedder.dim,
+                                    also_accept=embedder.same_space)
     from memory.store.edge import EdgeStore
 
     return EdgeStore(settings.data_dir / "qdrant", embedding_model=embedder.model_id,
-                     dim=embedder.dim)
+                     dim=embedder.dim, also_accept=embedder.same_space)
 
 
 def token_counters(backends: dict[str, ChatBackend]) -> Callable[[str], TokenCounter]:

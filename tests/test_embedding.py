@@ -78,6 +78,9 @@ def test_minilm_matches_sentence_transformers_reference(minilm: MiniLMEmbedder) 
 def test_minilm_identity(minilm: MiniLMEmbedder) -> None:
     assert minilm.dim == 384
     assert minilm.model_id == "all-MiniLM-L6-v2:gguf-q8_0"
+    # Stores built at any other precision of these weights are accepted.
+    assert minilm.same_space == {"all-MiniLM-L6-v2:gguf-f16", "all-MiniLM-L6-v2:gguf-bf16",
+                                 "all-MiniLM-L6-v2:gguf-f32"}
 
 
 def test_minilm_vectors_unit_length_and_batch_equals_single(

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
+from memory.embedding import minilm
 from memory.embedding.base import HashEmbedder
 from memory.models import Cube, MemoryItem, Source, text_key
 from memory.store import MemoryStore, Scope, StoreError, StoreMismatchError
@@ -39,14 +40,17 @@ class Backend:
         self.client = QdrantClient(location=":memory:") if kind == "server" else None
         self.store: MemoryStore | None = None
 
-    def open(self, model: str = EMB.model_id, dim: int = EMB.dim) -> MemoryStore:
+    def open(self, model: str = EMB.model_id, dim: int = EMB.dim,
+             also_accept: frozenset[str] = frozenset()) -> MemoryStore:
         if self.store is not None:
             self.store.close()
             self.store = None
         if self.client is not None:
-            self.store = ServerStore(self.client, embedding_model=model, dim=dim)
+            self.store = ServerStore(self.client, embedding_model=model, dim=dim,
+                                     also_accept=also_accept)
         else:
-            self.store = EdgeStore(self.path, embedding_model=model, dim=dim)
+            self.store = EdgeStore(self.path, embedding_model=model, dim=dim,
+                                   also_accept=also_accept)
         return self.store
 
     def close(self) -> None:
@@ -399,13 +403,19 @@ def test_opening_with_another_model_or_dimension_is_refused(backend: Backend) ->
 
 
 def test_the_same_model_at_another_precision_opens_the_store(backend: Backend) -> None:
-    put(backend.open(model="all-MiniLM-L6-v2:gguf-f16"), mk("m1", "kept"))
-    store = backend.open(model="all-MiniLM-L6-v2:gguf-q8_0")
+    # What MiniLMEmbedder declares as its vector space (at q8_0: the other precisions).
+    q8_0, space = minilm.model_id("q8_0"), minilm.SAME_SPACE - {minilm.model_id("q8_0")}
+    put(backend.open(model=minilm.model_id("f16")), mk("m1", "kept"))
+    store = backend.open(model=q8_0, also_accept=space)
     assert store.get("t1", "m1") is not None
     with pytest.raises(StoreMismatchError):
-        backend.open(model="all-MiniLM-L12-v2:gguf-q8_0")
+        # another model, declaring its own space
+        backend.open(model="all-MiniLM-L12-v2:gguf-q8_0",
+                     also_accept=frozenset({"all-MiniLM-L12-v2:gguf-f16"}))
     with pytest.raises(StoreMismatchError):
         backend.open(model="all-MiniLM-L6-v2")  # an embeddings API of that name: not ours
+    with pytest.raises(StoreMismatchError):
+        backend.open(model=q8_0)  # nothing declared: only the exact model
 
 
 def test_edge_store_builds_its_search_index_when_opened(tmp_path: Path) -> None:

@@ -15,6 +15,9 @@ class Embedder(ABC):
     #: Names the model and its settings; a store built with one refuses another.
     model_id: str
     dim: int
+    #: Other model ids whose vectors are interchangeable with this one's (the same
+    #: weights at another precision): a store built with one of them is accepted.
+    same_space: frozenset[str] = frozenset()
 
     @abstractmethod
     def embed(self, texts: Sequence[str]) -> list[list[float]]:

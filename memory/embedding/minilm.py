@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import get_args
 
 import llama_cpp
 import numpy as np
@@ -38,6 +39,15 @@ CONTEXT_TOKENS = 512
 PACK_TOKENS = 256
 
 
+def model_id(precision: Precision) -> str:
+    return f"all-MiniLM-L6-v2:gguf-{precision}"
+
+
+#: Every precision of these weights gives vectors of one space (cosine >= 0.998 between
+#: them), so a store built at one precision serves the others.
+SAME_SPACE = frozenset(model_id(p) for p in get_args(Precision))
+
+
 class MiniLMEmbedder(Embedder):
     """all-MiniLM-L6-v2 (mean pooling, L2-normalised, 256-token window) via llama.cpp.
 
@@ -45,7 +55,7 @@ class MiniLMEmbedder(Embedder):
     it is part of ``model_id``. The default, q8_0, embeds a query in about 2.7 ms on two
     cores against f16's 3.6-4.6 ms, and a write-back batch about 20% faster, at a
     minimum cosine of 0.998 with sentence-transformers (f16: 0.99999); every precision
-    gives vectors of one space, so stores accept any of them (see ``same_model``).
+    gives vectors of one space, so stores accept any of them (``SAME_SPACE``).
     ``batch_size`` caps how many texts share one llama.cpp call.
     """
 
@@ -61,7 +71,8 @@ class MiniLMEmbedder(Embedder):
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.model_id = f"all-MiniLM-L6-v2:gguf-{precision}"
+        self.model_id = model_id(precision)
+        self.same_space = SAME_SPACE - {self.model_id}
         self.gguf_path = ensure_gguf(data_dir, precision)
         self._lock = threading.Lock()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minilm")

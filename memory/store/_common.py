@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -37,9 +36,9 @@ SCHEMA = 1
 META_KEY = "memcube_store"
 
 #: Payload fields with an index: every memory filter uses some of them.
-KEYWORD_INDEXES = ("id", "cube_id", "user", "status", "text_key")
 #: ``models.text_key`` of the item's text: exact duplicates by one index lookup.
 TEXT_KEY_FIELD = "text_key"
+KEYWORD_INDEXES = ("id", "cube_id", "user", "status", TEXT_KEY_FIELD)
 TENANT_FIELD = "tenant"
 CURRENT_FIELD = "current"
 UNFLAG: dict[str, Any] = {CURRENT_FIELD: 0}
@@ -217,26 +216,15 @@ def meta(embedding_model: str, dim: int) -> dict[str, Any]:
             "bm25_avg_len": BM25_AVG_LEN, "bm25_b": BM25_B, "context_weight": CONTEXT_WEIGHT}
 
 
-_PRECISION_SUFFIX = re.compile(r":gguf-(?:q8_0|f16|bf16|f32)$")
-
-
-def same_model(a: str, b: str) -> bool:
-    """One model at another weight precision (``all-MiniLM-L6-v2:gguf-f16`` and
-    ``...:gguf-q8_0``) writes vectors of the same space (cosine >= 0.998 between them),
-    so a store built with one serves the other; any other difference is another model."""
-    if a == b:
-        return True
-    local = _PRECISION_SUFFIX.search(a) and _PRECISION_SUFFIX.search(b)
-    return bool(local) and _PRECISION_SUFFIX.sub("", a) == _PRECISION_SUFFIX.sub("", b)
-
-
-def check_meta(found: dict[str, Any] | None, embedding_model: str, dim: int, where: str) -> None:
+def check_meta(found: dict[str, Any] | None, embedding_model: str, dim: int, where: str,
+               also_accept: Collection[str] = ()) -> None:
     """Refuse a store built for another embedder: its vectors would be meaningless."""
     if not found or "embedding_model" not in found or "dim" not in found:
         raise StoreMismatchError(
             f"store at {where} records no embedding model: it was not created by MemCube "
             f"Proxy, or is damaged; point the proxy at another location")
-    if not same_model(found["embedding_model"], embedding_model) or int(found["dim"]) != dim:
+    model_ok = found["embedding_model"] == embedding_model or found["embedding_model"] in also_accept
+    if not model_ok or int(found["dim"]) != dim:
         raise StoreMismatchError(
             f"store at {where} was built with model {found['embedding_model']} "
             f"({found['dim']} dims); this proxy is configured with {embedding_model} ({dim} dims). "

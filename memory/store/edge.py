@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,10 @@ def _filter(where: c.Where) -> Filter:
 
 
 class EdgeStore(MemoryStore):
-    def __init__(self, path: Path, *, embedding_model: str, dim: int) -> None:
+    def __init__(self, path: Path, *, embedding_model: str, dim: int,
+                 also_accept: Collection[str] = ()) -> None:
+        """``also_accept``: model ids of a store this embedder can serve (its
+        ``same_space``)."""
         self.path = Path(path)
         self.embedding_model = embedding_model
         self.dim = dim
@@ -99,7 +102,7 @@ class EdgeStore(MemoryStore):
         found = self._shard.retrieve([_META_ID], with_payload=True, with_vector=False)
         try:
             c.check_meta((found[0].payload or {}).get(c.META_KEY) if found else None,
-                         embedding_model, dim, str(self.path))
+                         embedding_model, dim, str(self.path), also_accept)
         except StoreError:
             self._shard.close()
             raise
@@ -120,7 +123,7 @@ class EdgeStore(MemoryStore):
             log.info("memory store %s: indexing up to %d new points before serving "
                      "(about 2-3 s per 10k)", self.path, unindexed)
         started = time.perf_counter()
-        if self._shard.optimize():
+        if self.optimize():
             log.info("memory store %s: search index built in %.1f s", self.path,
                      time.perf_counter() - started)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 from memory.models import Cube, MemoryItem, MemoryStatus, text_key
@@ -18,14 +17,13 @@ _WORD = re.compile(r"\w+")
 
 
 
-def _words(item: MemoryItem) -> Counter[str]:
+def _words(item: MemoryItem) -> dict[str, float]:
     """Term weights of an item: its text, and its context at half weight (as the
     Qdrant stores do, roughly)."""
-    counts: Counter[str] = Counter()
-    for word in _WORD.findall(item.text.lower()):
-        counts[word] += 1
-    for word in _WORD.findall((item.context or "").lower()):
-        counts[word] += 0.5  # type: ignore[assignment]
+    counts: dict[str, float] = {}
+    for text, weight in ((item.text, 1.0), (item.context or "", 0.5)):
+        for word in _WORD.findall(text.lower()):
+            counts[word] = counts.get(word, 0.0) + weight
     return counts
 
 class InMemoryStore(MemoryStore):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from qdrant_client import QdrantClient
@@ -42,8 +42,11 @@ def _filter(where: c.Where) -> m.Filter:
 
 class ServerStore(MemoryStore):
     def __init__(self, client: QdrantClient, *, collection: str = "memcube_memories",
-                 embedding_model: str, dim: int) -> None:
+                 embedding_model: str, dim: int, also_accept: Collection[str] = ()) -> None:
+        """``also_accept``: model ids of a store this embedder can serve (its
+        ``same_space``)."""
         self.client = client
+        self.also_accept = also_accept
         self._owns_client = False
         self.collection = collection
         self.cubes_collection = f"{collection}_cubes"
@@ -58,12 +61,14 @@ class ServerStore(MemoryStore):
 
     @classmethod
     def from_url(cls, url: str, api_key: str | None = None, *, collection: str = "memcube_memories",
-                 embedding_model: str, dim: int, timeout: int = 10, **client_options: Any) -> ServerStore:
+                 embedding_model: str, dim: int, also_accept: Collection[str] = (), timeout: int = 10,
+                 **client_options: Any) -> ServerStore:
         """A store on its own client (closed with the store); ``client_options`` go to
         ``QdrantClient`` (e.g. ``prefer_grpc=True``)."""
         client = QdrantClient(url=url, api_key=api_key, timeout=timeout, **client_options)
         try:
-            store = cls(client, collection=collection, embedding_model=embedding_model, dim=dim)
+            store = cls(client, collection=collection, embedding_model=embedding_model, dim=dim,
+                        also_accept=also_accept)
         except BaseException:
             client.close()
             raise
@@ -85,7 +90,8 @@ class ServerStore(MemoryStore):
         if c.TEXT_KEY_FIELD not in (info.payload_schema or {}):  # a store from before it
             self._index(self.collection, c.TEXT_KEY_FIELD, m.PayloadSchemaType.KEYWORD)
         where = f"{self.collection!r} ({self._location()})"
-        c.check_meta((info.config.metadata or {}).get(c.META_KEY), self.embedding_model, self.dim, where)
+        c.check_meta((info.config.metadata or {}).get(c.META_KEY), self.embedding_model, self.dim, where,
+                     self.also_accept)
         dense = info.config.params.vectors
         size = dense[c.DENSE].size if isinstance(dense, dict) and c.DENSE in dense else None
         if size != self.dim:
