@@ -37,7 +37,7 @@ def _date(ts: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
-def _line(item: MemoryItem) -> str:
+def line(item: MemoryItem) -> str:
     # An item must not be able to close the fence early.
     text = item.text.replace(CLOSE, "</ memories>").replace("\n", " ").strip()
     return f"- [{_date(item.created_at)}] {text}"
@@ -53,11 +53,11 @@ def build_block(items: Sequence[MemoryItem], budget: int,
     lines: list[str] = []
     ids: list[str] = []
     for item in items:
-        line = _line(item)
-        cost = count(line + "\n")
+        text = line(item)
+        cost = count(text + "\n")
         if used + cost > budget:
             continue  # a shorter item further down may still fit
-        lines.append(line)
+        lines.append(text)
         ids.append(item.id)
         used += cost
     if not lines:
@@ -65,11 +65,15 @@ def build_block(items: Sequence[MemoryItem], budget: int,
     return f"{OPEN}\n{PREAMBLE}\n\n" + "\n".join(lines) + f"\n{CLOSE}", ids
 
 
-def inject(messages: list[dict[str, Any]], block: str | None) -> list[dict[str, Any]]:
-    """A new list: the block as a system message after the leading system messages."""
+def inject(messages: list[dict[str, Any]], block: str | None,
+           prefix: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A new list: ``prefix`` (the activation blocks' message) first, before anything
+    that changes per request; the block of retrieved memories after the client's
+    leading system messages."""
+    head = [prefix] if prefix is not None else []
     if block is None:
-        return messages
+        return [*head, *messages]
     at = 0
     while at < len(messages) and messages[at].get("role") in ("system", "developer"):
         at += 1
-    return [*messages[:at], {"role": "system", "content": block}, *messages[at:]]
+    return [*head, *messages[:at], {"role": "system", "content": block}, *messages[at:]]

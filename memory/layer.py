@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from memory.activation import Prefix
+
 
 @dataclass(frozen=True, slots=True)
 class Turn:
@@ -25,11 +27,13 @@ class Turn:
 
 @dataclass(slots=True)
 class Recall:
-    """What the request sends on: the messages with memories injected, and their ids."""
+    """What the request sends on: the messages with memories injected, and their ids
+    (retrieved and in activation blocks). ``prefix``: the activation blocks that form
+    the first message, if any."""
 
     messages: list[dict[str, Any]]
     memory_ids: list[str] = field(default_factory=list)
-    activation: str = "none"
+    prefix: Prefix | None = None
 
 
 class MemoryLayer(Protocol):

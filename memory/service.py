@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from memory.access import AccessRecorder
+from memory.activation import ActivationBlock, Prefix, make_prefix, select_block
 from memory.embedding.base import Embedder
 from memory.errors import InvalidMemoryRequest, MemoryNotFound
 from memory.extract import FineExtractor, Operation, fast, new_user_turns
@@ -55,6 +58,15 @@ class MemoryConfig:
     max_tokens: int = 1024
     extraction: Literal["fast", "fine"] = "fast"
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    activation: bool = True  # activation blocks first in the prompt
+    activation_tokens: int = 2048
+    activation_refresh: float = 60.0  # seconds between recomputing blocks from access counts
+
+
+#: Called with (model, prefix) when a prefix in recent use changed: the model's backend
+#: may save the new prefix's state before the next request needs it.
+PrefixListener = Callable[[str, Prefix], Awaitable[None]]
+_RECENT_PREFIXES = 64
 
 
 class MemoryService:
@@ -71,13 +83,36 @@ class MemoryService:
         self.fine = fine
         self.worker = WriteBackWorker(outbox, self._handle)
         self.access = AccessRecorder(store)
+        # Activation blocks by (tenant, cube): the block and when it was computed.
+        self._blocks: dict[tuple[str, str], tuple[ActivationBlock, float]] = {}
+        self._dirty: set[tuple[str, str]] = set()
+        # (tenant, mounted cubes, model) of recent requests with a prefix, oldest first.
+        self._recent: OrderedDict[tuple[str, tuple[str, ...], str], None] = OrderedDict()
+        self._listeners: list[PrefixListener] = []
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.block_refreshes = 0
 
     async def start(self) -> None:
         self.worker.start()
+        if self.config.activation:
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+            self._refresher = asyncio.ensure_future(self._refresh_loop())
 
     async def stop(self) -> None:
+        if self._refresher is not None and self._wake is not None:
+            # Not cancelled: a refresh in a worker thread finishes before the store closes.
+            self._stopping = True
+            self._wake.set()
+            await asyncio.gather(self._refresher, return_exceptions=True)
         await self.worker.stop()
         await self.access.stop()
+
+    def add_prefix_listener(self, listener: PrefixListener) -> None:
+        self._listeners.append(listener)
 
     async def flush(self) -> None:
         """Every exchange acknowledged so far is written back, and every access counted."""
@@ -104,20 +139,116 @@ class MemoryService:
             return Recall(messages=messages)
         top_k = options.get("top_k", self.config.top_k)
         query = " ".join(new_user_turns(messages))
-        if not query or top_k == 0:
-            return Recall(messages=messages)
-        hits = await asyncio.to_thread(self._recall_hits, turn, query, top_k)
+        count = self.counter_for(turn.model)
+        hits, prefix = await asyncio.to_thread(self._recall_hits, turn, query, top_k, count)
+        if self.config.activation:
+            self._note_recent(turn)
+        held = prefix.memory_ids if prefix is not None else set()
         budget = options.get("max_tokens", self.config.max_tokens)
-        block, ids = build_block([h.item for h in hits], budget, self.counter_for(turn.model))
+        block, ids = build_block([h.item for h in hits if h.item.id not in held], budget, count)
         if ids:
             self.access.record(turn.tenant, ids, now())
-        return Recall(messages=inject(messages, block), memory_ids=ids)
+        injected = [*(m for b in prefix.blocks for m in b.memory_ids), *ids] if prefix else ids
+        return Recall(messages=inject(messages, block, prefix.message() if prefix else None),
+                      memory_ids=injected, prefix=prefix)
 
-    def _recall_hits(self, turn: Turn, query: str, top_k: int) -> list[Hit]:
-        """One trip off the event loop: check the mounted cubes, then search them."""
+    def _recall_hits(self, turn: Turn, query: str, top_k: int,
+                     count: TokenCounter) -> tuple[list[Hit], Prefix | None]:
+        """One trip off the event loop: check the mounted cubes, read their activation
+        blocks, then search them."""
         cubes = self._cubes(turn)
         self._check_cubes(turn.tenant, cubes[1:], param="memory.cubes")
-        return self.retriever.search(Scope(tenant=turn.tenant, cube_ids=cubes), query, top_k)
+        prefix = None
+        if self.config.activation:
+            prefix = make_prefix(turn.tenant,
+                                 [self._block(turn.tenant, c, count) for c in cubes])
+        if not query or top_k == 0:
+            return [], prefix
+        scope = Scope(tenant=turn.tenant, cube_ids=cubes)
+        return self.retriever.search(scope, query, top_k), prefix
+
+    # -- activation blocks --------------------------------------------------------------
+
+    def _block(self, tenant: str, cube_id: str, count: TokenCounter,
+               *, fresh: bool = False) -> ActivationBlock:
+        """A cube's block: cached until its cube changes in a way that can alter it
+        (pins, edits, deletes: at once) or access counts move it (every refresh)."""
+        key = (tenant, cube_id)
+        cached = self._blocks.get(key)
+        if cached is not None and not fresh and key not in self._dirty:
+            return cached[0]
+        self._dirty.discard(key)
+        items = self._all(tenant, cube_id) if self.store.get_cube(tenant, cube_id) else []
+        block = select_block(tenant, cube_id, items, self.config.activation_tokens, count)
+        self._blocks[key] = (block, time.monotonic())
+        self.block_refreshes += 1
+        return block
+
+    def _changed(self, tenant: str, cube_id: str) -> None:
+        """A write through the API or fine extraction: the cube's block may differ."""
+        key = (tenant, cube_id)
+        if key not in self._blocks:
+            return
+        self._dirty.add(key)
+        if self._wake is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _note_recent(self, turn: Turn) -> None:
+        key = (turn.tenant, tuple(self._cubes(turn)), turn.model)
+        self._recent[key] = None
+        self._recent.move_to_end(key)
+        while len(self._recent) > _RECENT_PREFIXES:
+            self._recent.popitem(last=False)
+
+    async def _refresh_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancellation that arrives as the wait ends, and stop() would hang.
+            try:
+                async with asyncio.timeout(self.config.activation_refresh):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            if self._stopping:
+                return
+            self._wake.clear()
+            try:
+                await self.refresh_blocks()
+            except Exception:  # a failed refresh must not stop later ones
+                log.exception("activation block refresh failed")
+
+    async def refresh_blocks(self, *, all_blocks: bool = False) -> int:
+        """Recompute changed blocks (and, once per refresh interval, every block in
+        use); hand each recently used prefix whose blocks changed to the listeners.
+        Returns how many prefixes changed."""
+        stale_after = time.monotonic() - self.config.activation_refresh
+        changed: set[tuple[str, str]] = set()
+        for (tenant, cube_id), (old, at) in list(self._blocks.items()):
+            key = (tenant, cube_id)
+            if not (all_blocks or key in self._dirty or at <= stale_after):
+                continue
+            model = next((m for t, cs, m in reversed(self._recent) if t == tenant and cube_id in cs),
+                         None)
+            count = self.counter_for(model or "")
+            new = await asyncio.to_thread(self._block, tenant, cube_id, count, fresh=True)
+            if new.version != old.version:
+                changed.add(key)
+        notified = 0
+        for tenant, cubes, model in list(self._recent):
+            if not any((tenant, c) in changed for c in cubes):
+                continue
+            prefix = make_prefix(tenant, [self._blocks[(tenant, c)][0] for c in cubes
+                                          if (tenant, c) in self._blocks])
+            if prefix is None:
+                continue
+            notified += 1
+            for listener in self._listeners:
+                try:
+                    await listener(model, prefix)
+                except Exception:
+                    log.exception("activation prefix listener failed")
+        return notified
 
     def _check_cubes(self, tenant: str, cube_ids: Iterable[str], *, param: str) -> None:
         for cube_id in cube_ids:
@@ -227,6 +358,10 @@ class MemoryService:
     def _write(self, items: Sequence[MemoryItem]) -> None:
         if items:
             self.store.upsert(items, self.embedder.embed([i.text for i in items]))
+            for item in items:
+                cached = self._blocks.get((item.tenant, item.cube_id))
+                if cached is not None and (item.pinned or item.id in cached[0].memory_ids):
+                    self._changed(item.tenant, item.cube_id)
 
     # -- the memory API -----------------------------------------------------------------
 
@@ -303,7 +438,11 @@ class MemoryService:
         return self.retriever.search(scope, query, top_k)
 
     def purge_user(self, tenant: str, user: str) -> int:
-        return self.store.purge_user(tenant, user)
+        removed = self.store.purge_user(tenant, user)
+        for t, cube_id in list(self._blocks):
+            if t == tenant:
+                self._changed(t, cube_id)
+        return removed
 
     # -- cubes --------------------------------------------------------------------------
 
@@ -326,6 +465,7 @@ class MemoryService:
         self.get_cube(tenant, cube_id)
         removed = self.store.delete_cube_items(tenant, cube_id)
         self.store.delete_cube(tenant, cube_id)
+        self._changed(tenant, cube_id)
         return removed
 
     def _all(self, tenant: str, cube_id: str) -> list[MemoryItem]:

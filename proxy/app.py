@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from memory.activation import StateCache
 from memory.errors import InvalidMemoryRequest, MemoryLayerError, MemoryNotFound
 from memory.layer import MemoryLayer, NullMemory
 from memory.service import MemoryService
@@ -30,9 +31,18 @@ from proxy.observability import Metrics, ProxyMiddleware
 from proxy.protocol import invalid_from_error
 from proxy.routes import chat_completions, public, router
 from proxy.serving import ChatService
-from proxy.settings import Settings
+from proxy.settings import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
+
+
+def activation_states(settings: Settings, cfg: ModelConfig) -> StateCache | None:
+    """Where a local model keeps its saved activation states, if activation is on."""
+    act = settings.activation
+    if cfg.backend != "llamacpp" or not act.enabled or not settings.memory.enabled:
+        return None
+    directory = settings.data_dir / "activation" / cfg.name if act.disk_bytes else None
+    return StateCache(directory, ram_bytes=act.ram_bytes, disk_bytes=act.disk_bytes)
 
 
 def create_app(
@@ -43,7 +53,8 @@ def create_app(
 ) -> FastAPI:
     """Build the app. ``backends`` replaces those built from settings (tests pass fakes)."""
     if backends is None:
-        backends = {cfg.name: build_backend(cfg, settings.upstream) for cfg in settings.models}
+        backends = {cfg.name: build_backend(cfg, settings.upstream, activation_states(settings, cfg))
+                    for cfg in settings.models}
     chat = ChatService(backends, memory or NullMemory())
 
     @asynccontextmanager

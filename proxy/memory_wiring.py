@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 
+from memory.activation import Prefix
 from memory.embedding.base import Embedder
 from memory.extract import FineExtractor
 from memory.inject import TokenCounter, tiktoken_counter
@@ -77,8 +78,22 @@ def build_memory(settings: Settings, backends: dict[str, ChatBackend]) -> Memory
             return completion_text(reply.data)
 
         fine = FineExtractor(complete)
+    act = settings.activation
     config = MemoryConfig(enabled=mem.enabled, top_k=mem.top_k, max_tokens=mem.max_tokens,
-                          extraction=mem.extraction)
-    return MemoryService(store=store, embedder=embedder,
-                         outbox=Outbox(settings.data_dir / "outbox.sqlite3"), config=config,
-                         counter_for=token_counters(backends), fine=fine)
+                          extraction=mem.extraction, activation=act.enabled,
+                          activation_tokens=act.max_tokens,
+                          activation_refresh=act.refresh_seconds)
+    service = MemoryService(store=store, embedder=embedder,
+                            outbox=Outbox(settings.data_dir / "outbox.sqlite3"), config=config,
+                            counter_for=token_counters(backends), fine=fine)
+
+    async def warm(model: str, prefix: Prefix) -> None:
+        # Backends that keep model state (the local one) save the new prefix's state now,
+        # so the next request that starts with it restores instead of computing it.
+        backend = backends.get(model)
+        warm_up = getattr(backend, "warm", None)
+        if callable(warm_up):
+            await warm_up(prefix)
+
+    service.add_prefix_listener(warm)
+    return service

@@ -18,7 +18,13 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from memory.layer import MemoryLayer, Turn
-from proxy.backends.base import ChatBackend, StreamEvent, chunk_text, completion_text
+from proxy.backends.base import (
+    ChatBackend,
+    RequestContext,
+    StreamEvent,
+    chunk_text,
+    completion_text,
+)
 from proxy.errors import ModelNotFoundError, ProxyError, error_body
 from proxy.protocol import parse_chat_request
 from proxy.sse import EventStreamResponse
@@ -68,19 +74,17 @@ class ChatService:
         messages = body["messages"]
         recall = await self.memory.recall(turn, messages)
         body["messages"] = recall.messages
-        headers = {
-            "x-memcube-memories": ",".join(recall.memory_ids),
-            "x-memcube-activation": recall.activation,
-        }
+        ctx = RequestContext(tenant=turn.tenant, prefix=recall.prefix)
+        headers = {"x-memcube-memories": ",".join(recall.memory_ids)}
         if req.stream:
-            return await self._stream(request, backend, body, turn, messages, headers)
-        return await self._complete(request, backend, body, turn, messages, headers)
+            return await self._stream(request, backend, body, turn, messages, headers, ctx)
+        return await self._complete(request, backend, body, turn, messages, headers, ctx)
 
     async def _complete(self, request: Request, backend: ChatBackend, body: dict[str, Any],
                         turn: Turn, messages: list[dict[str, Any]],
-                        headers: dict[str, str]) -> Response:
+                        headers: dict[str, str], ctx: RequestContext) -> Response:
         if backend.cancel_on_disconnect:
-            work = asyncio.ensure_future(backend.complete(body))
+            work = asyncio.ensure_future(backend.complete(body, ctx))
             gone = asyncio.ensure_future(wait_for_disconnect(request.receive))
             try:
                 await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -94,15 +98,16 @@ class ChatService:
                 return Response(status_code=CLIENT_CLOSED)
             completion = work.result()
         else:
-            completion = await backend.complete(body)
+            completion = await backend.complete(body, ctx)
         await self.memory.remember(turn, messages, completion_text(completion.data))
         content = completion.raw if completion.raw is not None else json.dumps(completion.data)
+        headers["x-memcube-activation"] = ctx.activation
         return Response(content=content, media_type="application/json", headers=headers)
 
     async def _stream(self, request: Request, backend: ChatBackend, body: dict[str, Any],
                       turn: Turn, messages: list[dict[str, Any]],
-                      headers: dict[str, str]) -> EventStreamResponse:
-        groups = backend.stream_events(body)
+                      headers: dict[str, str], ctx: RequestContext) -> EventStreamResponse:
+        groups = backend.stream_events(body, ctx)
         try:
             # Pull the first chunks now so that a failure to start is a proper HTTP error.
             first: list[StreamEvent] = await groups.__anext__()
@@ -112,6 +117,7 @@ class ChatService:
             await groups.aclose()
             raise
         state = request.scope["state"]
+        headers["x-memcube-activation"] = ctx.activation  # known once the stream started
         frames = self._frames(groups, first, state, turn, messages)
         return EventStreamResponse(frames, headers)
 

@@ -142,6 +142,20 @@ class MemorySettings(_Section):
                                        description="How memories are embedded.")
 
 
+class ActivationSettings(_Section):
+    enabled: bool = Field(default=True, description=(
+        "Put each mounted cube's activation block (pinned, then hottest memories) first in "
+        "the prompt; the local model saves and restores its KV state."))
+    max_tokens: int = Field(default=2048, ge=0, description="Token budget of a cube's block.")
+    refresh_seconds: float = Field(default=60.0, gt=0, description=(
+        "How often blocks are recomputed from access counts (pins apply at once); a block "
+        "whose content changed has its state rebuilt in the background."))
+    ram_bytes: int = Field(default=512 * 1024 * 1024, ge=0,
+                           description="RAM tier of saved states, bytes (LRU).")
+    disk_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=0, description=(
+        "Disk tier of saved states under data_dir/activation, bytes (0: no disk tier)."))
+
+
 def _default_models() -> list[ModelConfig]:
     return [ModelConfig(name="local", backend="llamacpp")]
 
@@ -172,6 +186,8 @@ class Settings(BaseSettings):
     tenants: list[TenantConfig] = Field(default_factory=list, description="Tenants and their keys.")
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings, description="Vector store.")
     memory: MemorySettings = Field(default_factory=MemorySettings, description="Plaintext memory.")
+    activation: ActivationSettings = Field(default_factory=ActivationSettings,
+                                           description="Activation memory (KV state).")
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:

@@ -27,7 +27,7 @@ class RecordingMemory:
     async def recall(self, turn: Turn, messages: list[dict[str, Any]]) -> Recall:
         self.recalled.append(turn)
         injected = [{"role": "system", "content": "<memories>likes tea</memories>"}, *messages]
-        return Recall(messages=injected, memory_ids=["m1", "m2"], activation="none")
+        return Recall(messages=injected, memory_ids=["m1", "m2"])
 
     async def remember(self, turn: Turn, messages: list[dict[str, Any]],
                        reply: str | None) -> None:

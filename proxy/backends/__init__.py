@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from memory.activation import StateCache
 from proxy.backends.base import ChatBackend, Completion
 from proxy.settings import ModelConfig, UpstreamSettings
 
@@ -35,7 +36,9 @@ def uses_direct_transport(cfg: ModelConfig) -> bool:
     return bool(cfg.api_base or _OPENAI_PROTOCOL[provider])
 
 
-def build_backend(cfg: ModelConfig, upstream: UpstreamSettings) -> ChatBackend:
+def build_backend(cfg: ModelConfig, upstream: UpstreamSettings,
+                  states: StateCache | None = None) -> ChatBackend:
+    """``states``: where a local model saves activation states (None: it saves none)."""
     if cfg.backend == "llamacpp":
         from proxy.backends.llamacpp import LlamaCppBackend
 
@@ -44,6 +47,7 @@ def build_backend(cfg: ModelConfig, upstream: UpstreamSettings) -> ChatBackend:
             path=Path(cfg.path) if cfg.path else None,
             n_ctx=cfg.n_ctx,
             n_threads=cfg.n_threads,
+            states=states,
         )
     assert cfg.model is not None
     provider, name = _split(cfg.model)

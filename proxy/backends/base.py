@@ -13,6 +13,20 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+from memory.activation import Prefix
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Who a request runs for and what its prompt starts with. The serving layer fills
+    the first fields; a backend that manages activation memory reports ``activation``
+    (``hit``: the prefix's saved state was restored; ``miss``: it was computed and
+    saved; ``none``: no prefix, or a backend that keeps no state)."""
+
+    tenant: str = "default"
+    prefix: Prefix | None = None
+    activation: str = "none"
+
 
 @dataclass(slots=True)
 class Completion:
@@ -50,20 +64,22 @@ class ChatBackend(ABC):
         return True
 
     @abstractmethod
-    async def complete(self, body: dict[str, Any]) -> Completion:
+    async def complete(self, body: dict[str, Any],
+                       ctx: RequestContext | None = None) -> Completion:
         """Answer a non-stream request."""
 
     @abstractmethod
-    def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    def stream(self, body: dict[str, Any],
+               ctx: RequestContext | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Yield chunks of a stream request; the caller may stop early (client gone)."""
 
     async def stream_events(
-        self, body: dict[str, Any]
+        self, body: dict[str, Any], ctx: RequestContext | None = None
     ) -> AsyncGenerator[list[StreamEvent], None]:
         """The stream in groups, as the chunks arrived: the server writes one group at
         a time. Backends that read many chunks at once override this; by default each
         chunk is its own group."""
-        chunks = self.stream(body)
+        chunks = self.stream(body, ctx)
         try:
             async for chunk in chunks:
                 yield [StreamEvent(chunk)]

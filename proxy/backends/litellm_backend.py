@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from memory import offline
-from proxy.backends.base import ChatBackend, Completion
+from proxy.backends.base import ChatBackend, Completion, RequestContext
 from proxy.errors import (
     ProxyError,
     UpstreamError,
@@ -89,14 +89,16 @@ class LiteLLMBackend(ChatBackend):
             kwargs["api_key"] = "no-key"
         return kwargs
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
+    async def complete(self, body: dict[str, Any],
+                       ctx: RequestContext | None = None) -> Completion:
         try:
             response = await self._llm.acompletion(**self._kwargs(body, stream=False))
         except Exception as exc:
             raise self._map_error(exc) from None
         return Completion(data=response.model_dump(exclude_none=False))
 
-    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream(self, body: dict[str, Any],
+                     ctx: RequestContext | None = None) -> AsyncGenerator[dict[str, Any], None]:
         try:
             response = await self._llm.acompletion(**self._kwargs(body, stream=True))
             async for chunk in response:

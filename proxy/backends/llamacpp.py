@@ -7,23 +7,34 @@ request whose client leaves sets a flag the worker checks between tokens.
 
 Non-stream replies are built from the same token stream, so temperature 0 gives
 the same text either way.
+
+Activation memory: when a request's prompt starts with the activation blocks of its
+mounted cubes (a :class:`memory.activation.Prefix`), the KV state of that prefix is
+restored from the :class:`memory.activation.StateCache` (``hit``), or computed once
+and saved (``miss``). The context is cleared before each such request and whenever
+the tenant changes, so llama-cpp-python's own reuse of the longest matching token
+prefix never crosses a tenant boundary; saved states are keyed by model file,
+tenant, blocks and tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
 import importlib.util
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxy.backends.base import ChatBackend, Completion
+from memory.activation import Prefix, State, StateCache, state_key
+from proxy.backends.base import ChatBackend, Completion, RequestContext
 from proxy.errors import InvalidRequestError, ProxyError
 from proxy.protocol import completion_id, now
 
@@ -31,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _END = object()
+_READY = object()
 
 # Sampling fields of the OpenAI schema (and llama.cpp server's extras) the local model honours.
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
@@ -57,18 +69,41 @@ class GenerationStats:
     cancelled: bool
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixPlan:
+    """The tokens of a prompt's activation prefix and the key of their saved state."""
+
+    tokens: tuple[int, ...]
+    key: str
+
+
+@dataclass(slots=True)
+class ActivationStats:
+    """Counts and times of activation memory, read by /metrics."""
+
+    hits: int = 0
+    misses: int = 0
+    rebuilds: int = 0
+    restore_seconds: list[float] = field(default_factory=lambda: [0, 0.0])  # count, sum
+    build_seconds: list[float] = field(default_factory=lambda: [0, 0.0])
+
+
 class LlamaCppBackend(ChatBackend):
     kind = "llamacpp"
     cancel_on_disconnect = True
 
     def __init__(self, *, name: str, path: Path | None, n_ctx: int,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None, states: StateCache | None = None) -> None:
         self.name = name
         self.path = path or default_model_path()
         self.n_ctx = n_ctx
         self.n_threads = n_threads or os.cpu_count() or 1
+        self.states = states
+        self.activation = ActivationStats()
         self._llm: Any = None
         self._formatter: Any = None
+        self._model_id = ""
+        self._owner: tuple[str, str | None] | None = None  # whose tokens the context holds
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
         self.last_generation: GenerationStats | None = None
@@ -82,6 +117,12 @@ class LlamaCppBackend(ChatBackend):
             raise FileNotFoundError(f"model file not found: {self.path}")
         loop = asyncio.get_running_loop()
         self._llm, self._formatter = await loop.run_in_executor(self._executor, self._load)
+        st = self.path.stat()
+        import llama_cpp
+
+        # A saved state is only valid for the same weights and the same llama.cpp.
+        self._model_id = (f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}:"
+                          f"{llama_cpp.__version__}")
         log.info("local model %s loaded from %s (n_ctx=%d)", self.name, self.path, self.n_ctx)
 
     def _load(self) -> tuple[Any, Any]:
@@ -121,7 +162,8 @@ class LlamaCppBackend(ChatBackend):
 
     # -- request handling -------------------------------------------------------------
 
-    def _prepare(self, body: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+    def _prepare(self, body: dict[str, Any], ctx: RequestContext | None = None
+                 ) -> tuple[list[int], dict[str, Any], PrefixPlan | None]:
         if (body.get("n") or 1) != 1:
             raise InvalidRequestError("The local model supports only n=1.", param="n")
         for unsupported in ("tools", "functions", "logprobs"):
@@ -137,9 +179,13 @@ class LlamaCppBackend(ChatBackend):
             )
         messages = [_plain_message(m, i) for i, m in enumerate(body["messages"])]
         formatted = self._formatter(messages=messages)
+        add_bos = not formatted.added_special
         tokens: list[int] = self._llm.tokenize(
-            formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
+            formatted.prompt.encode("utf-8"), add_bos=add_bos, special=True
         )
+        plan = None
+        if ctx is not None and ctx.prefix is not None and self.states is not None:
+            plan = self._plan(ctx.prefix, messages, formatted.prompt, tokens, add_bos)
         room = self.n_ctx - len(tokens)
         if room <= 0:
             raise InvalidRequestError(
@@ -169,12 +215,127 @@ class LlamaCppBackend(ChatBackend):
                 raise InvalidRequestError(
                     "logit_bias must map token ids to numbers.", param="logit_bias"
                 ) from None
-        return tokens, kwargs
+        return tokens, kwargs, plan
+
+    def _plan(self, prefix: Prefix, messages: list[dict[str, str]], prompt: str,
+              tokens: list[int], add_bos: bool) -> PrefixPlan | None:
+        """The prefix's tokens: the prompt up to the end of the first message's content
+        (the activation blocks), if they are also the start of the prompt's tokens."""
+        content = prefix.content
+        if not messages or messages[0].get("content") != content:
+            return None
+        at = prompt.find(content)
+        if at < 0:
+            return None
+        head: list[int] = self._llm.tokenize(
+            prompt[:at + len(content)].encode("utf-8"), add_bos=add_bos, special=True)
+        if len(head) >= len(tokens) or tokens[:len(head)] != head:
+            return None  # the template merges the block with what follows: no prefix
+        return PrefixPlan(tokens=tuple(head), key=state_key(
+            model=self._model_id, adapter=None, prefix=prefix, tokens=head))
+
+    # -- activation memory (runs on the worker thread) -------------------------------------
+
+    def _clear(self) -> None:
+        import llama_cpp
+
+        llm = self._llm
+        llm.n_tokens = 0
+        llm._requires_eval = True
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
+
+    def _restore(self, state: State) -> bool:
+        import llama_cpp
+
+        llm = self._llm
+        n = state.nbytes
+        buf = (ctypes.c_uint8 * n).from_buffer(state.data)  # no copy: read in place
+        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, n, 0) != n:
+            self._clear()
+            return False
+        count = len(state.tokens)
+        llm.input_ids[:count] = state.tokens
+        llm.n_tokens = count
+        llm._requires_eval = True  # logits come from the next decode, not the state
+        return True
+
+    def _build(self, plan: PrefixPlan) -> None:
+        """Compute the prefix from a clear context and save its state."""
+        import llama_cpp
+
+        llm = self._llm
+        start = time.perf_counter()
+        self._clear()
+        llm.eval(list(plan.tokens))
+        n = llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)
+        data = bytearray(n)
+        buf = (ctypes.c_uint8 * n).from_buffer(data)
+        if llama_cpp.llama_state_seq_get_data(llm._ctx.ctx, buf, n, 0) == n:
+            del buf  # release the export so the cache owns a plain bytearray
+            assert self.states is not None
+            self.states.put(plan.key, State(tokens=plan.tokens, data=data))
+        self.activation.build_seconds[0] += 1
+        self.activation.build_seconds[1] += time.perf_counter() - start
+
+    def _set_up(self, plan: PrefixPlan | None, owner: tuple[str, str | None]) -> str:
+        """Put the context in the state this request starts from; hit, miss or none."""
+        if plan is None:
+            if owner != self._owner:
+                self._clear()  # never reuse another tenant's tokens
+            self._owner = owner
+            return "none"
+        self._owner = owner
+        assert self.states is not None
+        found = self.states.get(plan.key)
+        if found is not None and found[0].tokens == plan.tokens:
+            start = time.perf_counter()
+            self._clear()
+            if self._restore(found[0]):
+                self.activation.restore_seconds[0] += 1
+                self.activation.restore_seconds[1] += time.perf_counter() - start
+                self.activation.hits += 1
+                return "hit"
+            log.warning("saved activation state did not load; rebuilding it")
+            self.states.discard(plan.key)
+        self._build(plan)
+        self.activation.misses += 1
+        return "miss"
+
+    def _warm(self, plan: PrefixPlan, owner: tuple[str, str | None]) -> None:
+        assert self.states is not None
+        if self.states.get(plan.key) is not None:
+            return
+        self._owner = owner
+        self._build(plan)
+        self.activation.rebuilds += 1
+
+    async def warm(self, prefix: Prefix) -> None:
+        """Save the state of ``prefix`` ahead of the requests that will start with it
+        (MemOS's scheduler: a block whose version changed is rebuilt in the background)."""
+        if self.states is None or self._llm is None:
+            return
+        messages = [prefix.message(), {"role": "user", "content": "."}]
+        formatted = self._formatter(messages=messages)
+        add_bos = not formatted.added_special
+        tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=add_bos,
+                                    special=True)
+        plan = self._plan(prefix, messages, formatted.prompt, tokens, add_bos)
+        if plan is None:
+            return
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            await loop.run_in_executor(self._executor, self._warm, plan, (prefix.tenant, None))
 
     def _generate(self, tokens: list[int], kwargs: dict[str, Any],
-                  put: Callable[[object], None], cancel: threading.Event) -> None:
+                  put: Callable[[object], None], cancel: threading.Event,
+                  plan: PrefixPlan | None = None, ctx: RequestContext | None = None) -> None:
         pieces = 0
         try:
+            owner = (ctx.tenant if ctx is not None else "", None)
+            activation = self._set_up(plan, owner)
+            if ctx is not None:
+                ctx.activation = activation
+            put(_READY)
             for out in self._llm.create_completion(tokens, stream=True, **kwargs):
                 if cancel.is_set():
                     break
@@ -187,8 +348,11 @@ class LlamaCppBackend(ChatBackend):
             self.last_generation = GenerationStats(pieces=pieces, cancelled=cancel.is_set())
             put(_END)
 
-    async def _pieces(self, tokens: list[int],
-                      kwargs: dict[str, Any]) -> AsyncGenerator[tuple[str, str | None], None]:
+    async def _pieces(self, tokens: list[int], kwargs: dict[str, Any],
+                      plan: PrefixPlan | None = None, ctx: RequestContext | None = None,
+                      ) -> AsyncGenerator[tuple[str | None, str | None], None]:
+        """(text, finish reason) as generated; first (None, None) once the prompt's
+        prefix is in place (``ctx.activation`` is set by then)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancel = threading.Event()
@@ -200,7 +364,7 @@ class LlamaCppBackend(ChatBackend):
         try:
             future = loop.run_in_executor(
                 self._executor, contextvars.copy_context().run, self._generate, tokens, kwargs,
-                put, cancel,
+                put, cancel, plan, ctx,
             )
         except BaseException:
             self._lock.release()
@@ -213,6 +377,9 @@ class LlamaCppBackend(ChatBackend):
                 item = await queue.get()
                 if item is _END:
                     break
+                if item is _READY:
+                    yield None, None
+                    continue
                 if isinstance(item, BaseException):
                     log.error("local generation failed: %s", item)
                     raise ProxyError("local model failed to generate", code="model_error")
@@ -221,8 +388,9 @@ class LlamaCppBackend(ChatBackend):
         finally:
             cancel.set()
 
-    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        tokens, kwargs = self._prepare(body)
+    async def stream(self, body: dict[str, Any],
+                     ctx: RequestContext | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        tokens, kwargs, plan = self._prepare(body, ctx)
         cid, created, model = completion_id(), now(), self.name
 
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -231,11 +399,12 @@ class LlamaCppBackend(ChatBackend):
                     "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                  "finish_reason": finish}]}
 
-        yield chunk({"role": "assistant", "content": ""}, None)
         text: list[str] = []
         finish: str | None = None
-        async for piece, reason in self._pieces(tokens, kwargs):
-            if piece:
+        async for piece, reason in self._pieces(tokens, kwargs, plan, ctx):
+            if piece is None:  # the prefix is in place: the stream starts
+                yield chunk({"role": "assistant", "content": ""}, None)
+            elif piece:
                 text.append(piece)
                 yield chunk({"content": piece}, None)
             finish = reason or finish
@@ -246,11 +415,14 @@ class LlamaCppBackend(ChatBackend):
             yield {"id": cid, "object": "chat.completion.chunk", "created": created,
                    "model": model, "system_fingerprint": None, "choices": [], "usage": usage}
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
-        tokens, kwargs = self._prepare(body)
+    async def complete(self, body: dict[str, Any],
+                       ctx: RequestContext | None = None) -> Completion:
+        tokens, kwargs, plan = self._prepare(body, ctx)
         text: list[str] = []
         finish: str | None = None
-        async for piece, reason in self._pieces(tokens, kwargs):
+        async for piece, reason in self._pieces(tokens, kwargs, plan, ctx):
+            if piece is None:
+                continue
             text.append(piece)
             finish = reason or finish
         content = "".join(text)

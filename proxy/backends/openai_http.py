@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.backends.base import ChatBackend, Completion, StreamEvent
+from proxy.backends.base import ChatBackend, Completion, RequestContext, StreamEvent
 from proxy.errors import (
     UpstreamError,
     UpstreamTimeoutError,
@@ -103,7 +103,8 @@ class OpenAIHTTPBackend(ChatBackend):
                 continue
             return response
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
+    async def complete(self, body: dict[str, Any],
+                       ctx: RequestContext | None = None) -> Completion:
         response = await self._send(self._payload(body), stream=False)
         try:
             raw = await response.read()
@@ -123,7 +124,8 @@ class OpenAIHTTPBackend(ChatBackend):
             raise UpstreamError("upstream returned a malformed reply (no choices)")
         return Completion(data=data, raw=raw)
 
-    async def stream(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream(self, body: dict[str, Any],
+                     ctx: RequestContext | None = None) -> AsyncGenerator[dict[str, Any], None]:
         events = self.stream_events(body)
         try:
             async for group in events:
@@ -133,7 +135,7 @@ class OpenAIHTTPBackend(ChatBackend):
             await events.aclose()
 
     async def stream_events(
-        self, body: dict[str, Any]
+        self, body: dict[str, Any], ctx: RequestContext | None = None
     ) -> AsyncGenerator[list[StreamEvent], None]:
         response = await self._send(self._payload(body), stream=True)
         try:
