@@ -198,6 +198,13 @@ class StateCache:
             except OSError as exc:  # a full disk costs the disk tier, not the request
                 log.warning("activation state not written to disk: %s", exc)
 
+    def has(self, key: str) -> bool:
+        """Whether a state is saved under ``key`` (not counted as a hit or miss)."""
+        with self._lock:
+            if key in self._ram:
+                return True
+        return self.directory is not None and self._path(key).exists()
+
     def discard(self, key: str) -> None:
         with self._lock:
             state = self._ram.pop(key, None)

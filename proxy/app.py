@@ -86,6 +86,7 @@ def create_app(
     app.state.settings = settings
     app.state.chat = chat
     app.state.metrics = Metrics()
+    app.state.metrics.watch_activation(backends)
     app.state.started_at = int(time.time())
     app.state.memory_service = memory if isinstance(memory, MemoryService) else None
     app.state.keys = KeyRing(settings)

@@ -10,9 +10,12 @@ import contextvars
 import logging
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.errors import PayloadTooLargeError, error_response
@@ -67,6 +70,10 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_activation(self, backends: Mapping[str, Any]) -> None:
+        """Export the activation memory of every backend that keeps it (the local one)."""
+        self.registry.register(ActivationCollector(backends))
 
     def observe(self, state: dict[str, Any], route: str, status: int, seconds: float) -> None:
         model = str(state.get("model") or "")
@@ -168,3 +175,52 @@ def _content_length(scope: Scope) -> int | None:
 
 def _too_large(limit: int) -> str:
     return f"Request body is larger than the limit of {limit} bytes."
+
+
+class ActivationCollector(Collector):
+    """Activation memory figures, read from the backends at scrape time: hits and misses,
+    background rebuilds, states evicted and found corrupt, bytes per tier, and the time
+    restores and builds took."""
+
+    def __init__(self, backends: Mapping[str, Any]) -> None:
+        self.backends = backends
+
+    def _local(self) -> Iterable[tuple[str, Any]]:
+        for name, backend in self.backends.items():
+            if getattr(backend, "states", None) is not None:
+                yield name, backend
+
+    def collect(self) -> Iterator[Any]:
+        hits = CounterMetricFamily("memcube_activation_hits", "Prefix states restored.",
+                                   labels=["model", "tier"])
+        misses = CounterMetricFamily("memcube_activation_misses",
+                                     "Prefix states computed at request time.", labels=["model"])
+        rebuilds = CounterMetricFamily("memcube_activation_rebuilds",
+                                       "Prefix states rebuilt in the background after a block "
+                                       "changed.", labels=["model"])
+        evictions = CounterMetricFamily("memcube_activation_evictions",
+                                        "States evicted to stay within a tier's bytes.",
+                                        labels=["model", "tier"])
+        corrupt = CounterMetricFamily("memcube_activation_corrupt",
+                                      "State files found corrupt or truncated (deleted, "
+                                      "rebuilt).", labels=["model"])
+        size = GaugeMetricFamily("memcube_activation_bytes", "Bytes of saved states per tier.",
+                                 labels=["model", "tier"])
+        restore = SummaryMetricFamily("memcube_activation_restore_seconds",
+                                      "Time to restore a prefix state.", labels=["model"])
+        build = SummaryMetricFamily("memcube_activation_build_seconds",
+                                    "Time to compute and save a prefix state.", labels=["model"])
+        for name, backend in self._local():
+            states, act = backend.states, backend.activation
+            stats = states.stats
+            for tier in ("ram", "disk"):
+                hits.add_metric([name, tier], stats.hits[tier])
+                evictions.add_metric([name, tier], stats.evictions[tier])
+            misses.add_metric([name], act.misses)
+            rebuilds.add_metric([name], act.rebuilds)
+            corrupt.add_metric([name], stats.corrupt)
+            size.add_metric([name, "ram"], states.ram_used())
+            size.add_metric([name, "disk"], states.disk_used())
+            restore.add_metric([name], act.restore_seconds[0], act.restore_seconds[1])
+            build.add_metric([name], act.build_seconds[0], act.build_seconds[1])
+        yield from (hits, misses, rebuilds, evictions, corrupt, size, restore, build)

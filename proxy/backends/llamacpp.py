@@ -107,6 +107,7 @@ class LlamaCppBackend(ChatBackend):
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
         self.last_generation: GenerationStats | None = None
+        self.last_prompt_reused = 0  # tokens in the context a request started from
 
     @property
     def ready(self) -> bool:
@@ -303,7 +304,7 @@ class LlamaCppBackend(ChatBackend):
 
     def _warm(self, plan: PrefixPlan, owner: tuple[str, str | None]) -> None:
         assert self.states is not None
-        if self.states.get(plan.key) is not None:
+        if self.states.has(plan.key):
             return
         self._owner = owner
         self._build(plan)
@@ -335,6 +336,7 @@ class LlamaCppBackend(ChatBackend):
             activation = self._set_up(plan, owner)
             if ctx is not None:
                 ctx.activation = activation
+            self.last_prompt_reused = self._llm.n_tokens
             put(_READY)
             for out in self._llm.create_completion(tokens, stream=True, **kwargs):
                 if cancel.is_set():
