@@ -248,3 +248,28 @@ def test_purge_erases_a_user(live: Live) -> None:
     assert api(live, "POST", "/memories/purge", json={"user": "alice"}).json()["deleted"] == 1
     users = {m["user"] for m in api(live, "GET", "/memories").json()["data"]}
     assert users == {"bob"}
+
+
+def test_upstream_prompt_starts_with_the_stable_activation_block(
+        live: Live, upstream: FakeUpstream) -> None:
+    """Providers' prefix caches need the same first message on every request: the
+    activation block of pinned memories, with the per-request retrieval after it."""
+    pinned = api(live, "POST", "/memories",
+                 json={"user": "alice", "text": "Always answer in French.", "pinned": True})
+    api(live, "POST", "/memories", json={"user": "alice", "text": "My dog is called Rex."})
+    firsts, seconds = [], []
+    for question in ("What is my dog called?", "Tell me a joke about Rex the dog."):
+        raw = sdk(live).with_raw_response.chat.completions.create(
+            model="up", messages=[{"role": "system", "content": "You are terse."},
+                                  {"role": "user", "content": question}],
+            extra_body={"memory": {"write": False}})
+        sent = upstream.history[-1].body["messages"]
+        firsts.append(sent[0])
+        seconds.append(sent[1])
+        assert raw.headers["x-memcube-activation"] == "none"  # no state kept for upstreams
+        assert pinned.json()["id"] in raw.headers["x-memcube-memories"].split(",")
+        # Then the client's system message, then the retrieved memories (not the pin again).
+        assert sent[1] == {"role": "system", "content": "You are terse."}
+        assert "Rex" in sent[2]["content"] and "French" not in sent[2]["content"]
+    assert firsts[0] == firsts[1]
+    assert firsts[0]["role"] == "system" and "Always answer in French." in firsts[0]["content"]
