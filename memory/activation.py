@@ -16,6 +16,7 @@ providers' own prefix caches see the same stable prefix.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -252,13 +253,12 @@ class StateCache:
         path = self._path(key)
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                state = self._load(key, f, os.fstat(f.fileno()).st_size)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("activation state %s unreadable: %s", path.name, exc)
             return None
-        state = self._parse(key, raw)
         if state is None:
             log.warning("activation state %s is corrupt or truncated; it will be rebuilt",
                         path.name)
@@ -269,20 +269,24 @@ class StateCache:
         os.utime(path)  # most recently used, for the disk bound
         return state
 
-    def _parse(self, key: str, raw: bytes) -> State | None:
+    def _load(self, key: str, f: io.BufferedReader, total: int) -> State | None:
+        """The state in an open file, read straight into its buffer (tens of MB: one
+        copy, not two), or None if the file does not check out."""
         try:
-            if not raw.startswith(_MAGIC):
+            head = f.read(len(_MAGIC) + 4)
+            if len(head) != len(_MAGIC) + 4 or not head.startswith(_MAGIC):
                 return None
-            at = len(_MAGIC)
-            (hlen,) = struct.unpack_from("<I", raw, at)
-            at += 4
-            header = json.loads(raw[at:at + hlen])
-            at += hlen
+            (hlen,) = struct.unpack_from("<I", head, len(_MAGIC))
+            if hlen > 4096:
+                return None
+            header = json.loads(f.read(hlen))
             n, size = int(header["tokens"]), int(header["size"])
-            if header["key"] != key or len(raw) != at + 4 * n + size:
+            if header["key"] != key or total != len(head) + hlen + 4 * n + size:
                 return None
-            tokens = raw[at:at + 4 * n]
-            data = bytearray(memoryview(raw)[at + 4 * n:])
+            tokens = f.read(4 * n)
+            data = bytearray(size)
+            if len(tokens) != 4 * n or f.readinto(data) != size:
+                return None
             if self._crc(key, tokens, data) != header["crc32"]:
                 return None
             return State(tokens=struct.unpack(f"<{n}i", tokens), data=data)

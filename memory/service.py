@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -85,6 +86,7 @@ class MemoryService:
         self.access = AccessRecorder(store)
         # Activation blocks by (tenant, cube): the block and when it was computed.
         self._blocks: dict[tuple[str, str], tuple[ActivationBlock, float]] = {}
+        self._block_lock = threading.Lock()
         self._dirty: set[tuple[str, str]] = set()
         # (tenant, mounted cubes, model) of recent requests with a prefix, oldest first.
         self._recent: OrderedDict[tuple[str, tuple[str, ...], str], None] = OrderedDict()
@@ -177,8 +179,15 @@ class MemoryService:
         cached = self._blocks.get(key)
         if cached is not None and not fresh and key not in self._dirty:
             return cached[0]
+        with self._block_lock:  # recall and the refresh may both recompute; one at a time
+            return self._compute_block(tenant, cube_id, count)
+
+    def _compute_block(self, tenant: str, cube_id: str, count: TokenCounter) -> ActivationBlock:
+        key = (tenant, cube_id)
         self._dirty.discard(key)
-        items = self._all(tenant, cube_id) if self.store.get_cube(tenant, cube_id) else []
+        # Every line costs some 10 tokens at least (dash, date), so no more than this fit.
+        limit = self.config.activation_tokens // 8 + 1
+        items = self.store.block_candidates(tenant, cube_id, limit)
         block = select_block(tenant, cube_id, items, self.config.activation_tokens, count)
         self._blocks[key] = (block, time.monotonic())
         self.block_refreshes += 1

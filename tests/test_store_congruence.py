@@ -346,6 +346,25 @@ def test_touch_counts_accesses_without_a_new_version(store: MemoryStore) -> None
     assert store.get("t1", "m1") == got
 
 
+def test_block_candidates_are_pinned_and_most_accessed_active_items(store: MemoryStore) -> None:
+    put(store, mk("p1", "pinned one", pinned=True), mk("p2", "pinned two", pinned=True),
+        mk("old", "was pinned", version=1, pinned=True),
+        mk("gone", "pinned but deleted", pinned=True, status="deleted"),
+        mk("other", "pinned elsewhere", pinned=True, cube="c2"),
+        mk("theirs", "pinned for t2", pinned=True, tenant="t2"),
+        *(mk(f"h{n}", f"hot number {n}", access_count=n) for n in range(1, 8)))
+    put(store, mk("old", "was pinned, not now", version=2, pinned=False))
+    store.touch("t1", ["h1"] * 20, T0 + 5)  # now the hottest
+    got = {i.id: i for i in store.block_candidates("t1", "c1", 3)}
+    pinned = {k for k, v in got.items() if v.pinned}
+    assert pinned == {"p1", "p2"}
+    hot = [k for k, v in sorted(got.items(), key=lambda kv: -kv[1].access_count)
+           if not v.pinned][:3]
+    assert hot == ["h1", "h7", "h6"]
+    assert got["h1"].access_count == 21
+    assert store.block_candidates("t1", "nope", 3) == []
+
+
 def test_purge_user_erases_every_version_of_their_items(store: MemoryStore) -> None:
     put(store, mk("a", "alpha", user="u1"), mk("b", "beta", user="u1"), mk("c", "gamma", user="u2"),
         mk("a", "alpha", user="u1", tenant="t2"))
@@ -437,6 +456,25 @@ def test_edge_store_builds_its_search_index_when_opened(tmp_path: Path) -> None:
     indexed = [h.item.id for h in store.search_dense(Scope("t1"), query, 10)]
     # Approximate search: the same item first, and (nearly) the same neighbours.
     assert indexed[0] == "m1234" and len(set(indexed) & set(scanned)) >= 8
+    store.close()
+
+
+def test_edge_store_from_before_pinned_flags_gets_them_at_open(tmp_path: Path) -> None:
+    from qdrant_edge import Filter, UpdateOperation
+
+    from memory.store import _common as c
+
+    store = EdgeStore(tmp_path / "s", embedding_model=EMB.model_id, dim=EMB.dim)
+    put(store, mk("p1", "pinned long ago", pinned=True), mk("n1", "not pinned", access_count=3))
+    shard = store._shard  # type: ignore[attr-defined]
+    # What a store written before the flag looks like: no index, no field.
+    shard.update(UpdateOperation.delete_field_index(c.PINNED_FIELD))
+    shard.update(UpdateOperation.delete_payload_by_filter(Filter(must=[]), [c.PINNED_FIELD]))
+    # limit 1: the hottest is n1, so p1 can only come as a pinned item
+    assert [i.id for i in store.block_candidates("t1", "c1", 1)] == ["n1"]
+    store.close()
+    store = EdgeStore(tmp_path / "s", embedding_model=EMB.model_id, dim=EMB.dim)
+    assert sorted(i.id for i in store.block_candidates("t1", "c1", 1)) == ["n1", "p1"]
     store.close()
 
 

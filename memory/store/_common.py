@@ -63,7 +63,7 @@ _CURSOR_PREFIX = "p1:"
 @dataclass(frozen=True, slots=True)
 class Match:
     key: str
-    value: str | int
+    value: str | int | bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +124,22 @@ def texts_where(tenant: str, cube_id: str, keys: Sequence[str]) -> Where:
                         MatchIn(TEXT_KEY_FIELD, tuple(keys)), current=True)
 
 
+#: Integer-indexed (with ranges), so the most accessed items come ordered from the store.
+ACCESS_FIELD = "access_count"
+#: ``pinned`` as 0/1: Qdrant Edge's Python binding cannot match a boolean payload value.
+PINNED_FIELD = "pinned_flag"
+
+
+def pinned_where(tenant: str, cube_id: str) -> Where:
+    """Active current items of a cube that are pinned (an activation block's first part)."""
+    return tenant_where(tenant, Match("cube_id", cube_id), Match("status", "active"),
+                        Match(PINNED_FIELD, 1), current=True)
+
+
+def active_where(tenant: str, cube_id: str) -> Where:
+    return tenant_where(tenant, Match("cube_id", cube_id), Match("status", "active"), current=True)
+
+
 def idf_corpus(tenant: str) -> Where:
     """IDF is measured over the tenant's current items: other tenants' words and
     superseded versions must not move a tenant's ranking."""
@@ -150,11 +166,23 @@ def item_payload(item: MemoryItem, *, current: bool) -> dict[str, Any]:
     payload = item.model_dump(mode="json")
     payload[CURRENT_FIELD] = int(current)
     payload[TEXT_KEY_FIELD] = text_key(item.text)
+    payload[PINNED_FIELD] = int(item.pinned)
     return payload
 
 
 def payload_item(payload: dict[str, Any]) -> MemoryItem:
     return MemoryItem.model_validate({k: payload[k] for k in _ITEM_FIELDS if k in payload})
+
+
+def unique_items(payloads: Iterable[dict[str, Any]]) -> list[MemoryItem]:
+    seen: set[str] = set()
+    out: list[MemoryItem] = []
+    for payload in payloads:
+        item = payload_item(payload)
+        if item.id not in seen:
+            seen.add(item.id)
+            out.append(item)
+    return out
 
 
 def batch_currents(items: Sequence[MemoryItem]) -> list[bool]:

@@ -70,6 +70,12 @@ class MemoryStore(ABC):
         page, or None after the last. A malformed cursor raises ValueError."""
 
     @abstractmethod
+    def block_candidates(self, tenant: str, cube_id: str, limit: int) -> list[MemoryItem]:
+        """What a cube's activation block is chosen from, without reading the whole
+        cube: its active pinned items and its ``limit`` most accessed active items
+        (each at most ``limit``; in any order, without duplicates)."""
+
+    @abstractmethod
     def search_dense(self, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:
         """Nearest current items by cosine similarity, best first."""
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from qdrant_edge import (
     CountRequest,
+    Direction,
     Distance,
     EdgeConfig,
     EdgeShard,
@@ -41,6 +42,7 @@ from qdrant_edge import (
     MatchAny,
     MatchValue,
     Modifier,
+    OrderBy,
     Point,
     Query,
     QueryRequest,
@@ -97,8 +99,20 @@ class EdgeStore(MemoryStore):
                 [Point(_META_ID, {}, {c.META_KEY: c.meta(embedding_model, dim)})]))
             self._shard.flush()
             return
-        if c.TEXT_KEY_FIELD not in self._shard.info().payload_schema:  # a store from before it
+        schema = self._shard.info().payload_schema
+        if c.TEXT_KEY_FIELD not in schema:  # a store from before it
             self._shard.update(UpdateOperation.create_field_index(c.TEXT_KEY_FIELD, KeywordIndexParams()))
+        if c.ACCESS_FIELD not in schema:  # likewise
+            self._shard.update(UpdateOperation.create_field_index(
+                c.ACCESS_FIELD, IntegerIndexParams(lookup=False, range=True)))
+        if c.PINNED_FIELD not in schema:  # likewise; its items get the field once
+            self._shard.update(UpdateOperation.create_field_index(
+                c.PINNED_FIELD, IntegerIndexParams(lookup=True, range=False)))
+            pinned = [pid for pid, p in self._scroll(c.Where(()), ["pinned"]) if p.get("pinned")]
+            for chunk in c.chunks(pinned):
+                self._shard.update(UpdateOperation.set_payload_by_filter(
+                    _filter(c.Where((c.HasIds(chunk),))), {c.PINNED_FIELD: 1}))
+            self._shard.flush()
         found = self._shard.retrieve([_META_ID], with_payload=True, with_vector=False)
         try:
             c.check_meta((found[0].payload or {}).get(c.META_KEY) if found else None,
@@ -131,7 +145,11 @@ class EdgeStore(MemoryStore):
         ops = [UpdateOperation.create_field_index(c.TENANT_FIELD, KeywordIndexParams(is_tenant=True)),
                UpdateOperation.create_field_index(
                    c.CURRENT_FIELD, IntegerIndexParams(lookup=True, range=False)),
-               UpdateOperation.create_field_index(c.CUBE_TENANT_FIELD, KeywordIndexParams())]
+               UpdateOperation.create_field_index(c.CUBE_TENANT_FIELD, KeywordIndexParams()),
+               UpdateOperation.create_field_index(
+                   c.ACCESS_FIELD, IntegerIndexParams(lookup=False, range=True)),
+               UpdateOperation.create_field_index(
+                   c.PINNED_FIELD, IntegerIndexParams(lookup=True, range=False))]
         ops += [UpdateOperation.create_field_index(k, KeywordIndexParams()) for k in c.KEYWORD_INDEXES]
         for op in ops:
             self._shard.update(op)
@@ -209,6 +227,15 @@ class EdgeStore(MemoryStore):
             with_payload=True, with_vector=False))
         page = [c.payload_item(r.payload or {}) for r in records]
         return page, (c.encode_cursor(str(nxt)) if nxt is not None else None)
+
+    def block_candidates(self, tenant: str, cube_id: str, limit: int) -> list[MemoryItem]:
+        pinned, _ = self._shard.scroll(ScrollRequest(
+            limit=limit, filter=_filter(c.pinned_where(tenant, cube_id)), with_payload=True,
+            with_vector=False))
+        hot, _ = self._shard.scroll(ScrollRequest(
+            limit=limit, filter=_filter(c.active_where(tenant, cube_id)), with_payload=True,
+            with_vector=False, order_by=OrderBy(c.ACCESS_FIELD, Direction.Desc)))
+        return c.unique_items([r.payload or {} for r in [*pinned, *hot]])
 
     def search_dense(self, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:
         where = c.scope_where(scope)

@@ -70,6 +70,12 @@ class InMemoryStore(MemoryStore):
         page = rows[:limit]
         return page, (page[-1].id if len(rows) > limit else None)
 
+    def block_candidates(self, tenant: str, cube_id: str, limit: int) -> list[MemoryItem]:
+        active = [i for i, _ in self._currents(tenant) if i.cube_id == cube_id and i.status == "active"]
+        pinned = [i for i in active if i.pinned][:limit]
+        hot = sorted(active, key=lambda i: -i.access_count)[:limit]
+        return list({i.id: i for i in [*pinned, *hot]}.values())
+
     def _visible(self, scope: Scope) -> list[tuple[MemoryItem, list[float]]]:
         return [(i, v) for i, v in self._currents(scope.tenant)
                 if (scope.cube_ids is None or i.cube_id in scope.cube_ids)

@@ -84,11 +84,19 @@ class ServerStore(MemoryStore):
             self._index(self.collection, c.TENANT_FIELD,
                         m.KeywordIndexParams(type=m.KeywordIndexType.KEYWORD, is_tenant=True))
             self._index(self.collection, c.CURRENT_FIELD, m.PayloadSchemaType.INTEGER)
+            self._index(self.collection, c.ACCESS_FIELD, m.PayloadSchemaType.INTEGER)
+            self._index(self.collection, c.PINNED_FIELD, m.PayloadSchemaType.INTEGER)
             for key in c.KEYWORD_INDEXES:
                 self._index(self.collection, key, m.PayloadSchemaType.KEYWORD)
         info = self.client.get_collection(self.collection)
         if c.TEXT_KEY_FIELD not in (info.payload_schema or {}):  # a store from before it
             self._index(self.collection, c.TEXT_KEY_FIELD, m.PayloadSchemaType.KEYWORD)
+        if c.ACCESS_FIELD not in (info.payload_schema or {}):  # likewise
+            self._index(self.collection, c.ACCESS_FIELD, m.PayloadSchemaType.INTEGER)
+        if c.PINNED_FIELD not in (info.payload_schema or {}):  # likewise; pinned items get it
+            self._index(self.collection, c.PINNED_FIELD, m.PayloadSchemaType.INTEGER)
+            self.client.set_payload(self.collection, {c.PINNED_FIELD: 1}, points=m.Filter(
+                must=[m.FieldCondition(key="pinned", match=m.MatchValue(value=True))]))
         where = f"{self.collection!r} ({self._location()})"
         c.check_meta((info.config.metadata or {}).get(c.META_KEY), self.embedding_model, self.dim, where,
                      self.also_accept)
@@ -194,6 +202,16 @@ class ServerStore(MemoryStore):
             with_payload=True, with_vectors=False)
         page = [c.payload_item(r.payload or {}) for r in records]
         return page, (c.encode_cursor(str(nxt)) if nxt is not None else None)
+
+    def block_candidates(self, tenant: str, cube_id: str, limit: int) -> list[MemoryItem]:
+        pinned, _ = self.client.scroll(
+            self.collection, scroll_filter=_filter(c.pinned_where(tenant, cube_id)), limit=limit,
+            with_payload=True, with_vectors=False)
+        hot, _ = self.client.scroll(
+            self.collection, scroll_filter=_filter(c.active_where(tenant, cube_id)), limit=limit,
+            with_payload=True, with_vectors=False,
+            order_by=m.OrderBy(key=c.ACCESS_FIELD, direction=m.Direction.DESC))
+        return c.unique_items([r.payload or {} for r in [*pinned, *hot]])
 
     def search_dense(self, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:
         where = c.scope_where(scope)
