@@ -17,6 +17,8 @@ from memory.activation import StateCache
 from memory.errors import InvalidMemoryRequest, MemoryLayerError, MemoryNotFound
 from memory.layer import MemoryLayer, NullMemory
 from memory.service import MemoryService
+from proxy.adapters import AdapterRegistry
+from proxy.adapters import router as adapter_router
 from proxy.auth import KeyRing
 from proxy.backends import ChatBackend, build_backend
 from proxy.errors import (
@@ -55,7 +57,8 @@ def create_app(
     if backends is None:
         backends = {cfg.name: build_backend(cfg, settings.upstream, activation_states(settings, cfg))
                     for cfg in settings.models}
-    chat = ChatService(backends, memory or NullMemory())
+    adapters = AdapterRegistry(settings, backends)
+    chat = ChatService(backends, memory or NullMemory(), adapters)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,6 +69,7 @@ def create_app(
             for backend in backends.values():
                 await backend.start()
                 started.append(backend)
+            await adapters.start()
             if memory is None and settings.memory.enabled:
                 from proxy.memory_wiring import build_memory
 
@@ -87,12 +91,14 @@ def create_app(
     app.state.chat = chat
     app.state.metrics = Metrics()
     app.state.metrics.watch_activation(backends)
+    app.state.adapters = adapters
     app.state.started_at = int(time.time())
     app.state.memory_service = memory if isinstance(memory, MemoryService) else None
     app.state.keys = KeyRing(settings)
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.include_router(router)
     app.include_router(memory_router)
+    app.include_router(adapter_router)
     app.include_router(public)
     app.add_middleware(
         ProxyMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes

@@ -1,4 +1,5 @@
-"""``memcube-proxy serve [--config FILE] [--host H] [--port P]``."""
+"""``memcube-proxy serve [--config FILE] [--host H] [--port P]``, and
+``memcube-proxy adapters make-test|inspect`` for LoRA adapter files."""
 
 from __future__ import annotations
 
@@ -23,12 +24,45 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="Address to listen on (default 127.0.0.1).")
     serve.add_argument("--port", type=int, help="Port to listen on (default 8000).")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    adapters = sub.add_parser("adapters", help="LoRA adapter files for the local model.")
+    verbs = adapters.add_subparsers(dest="verb", required=True)
+    make = verbs.add_parser("make-test", help="Write a small random LoRA that visibly changes "
+                            "the model's greedy output (no training needed).")
+    make.add_argument("out", type=Path, metavar="OUT.gguf")
+    make.add_argument("--rank", type=int, default=8)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--strength", type=float, default=1.0, help="Size of the change.")
+    make.add_argument("--base", type=Path, help="Base model GGUF (default: the embedded model).")
+    look = verbs.add_parser("inspect", help="Print what a LoRA GGUF adapts and whether it fits "
+                            "the base model.")
+    look.add_argument("file", type=Path)
+    look.add_argument("--base", type=Path, help="Base model GGUF (default: the embedded model).")
     return parser
+
+
+def adapters(args: argparse.Namespace) -> int:
+    from memory.parametric import AdapterError, inspect, make_test_adapter
+    from proxy.backends.llamacpp import default_model_path
+
+    base = args.base or default_model_path()
+    try:
+        if args.verb == "make-test":
+            info = make_test_adapter(base, args.out, rank=args.rank, seed=args.seed,
+                                     strength=args.strength)
+        else:
+            info = inspect(args.file, base)
+    except AdapterError as exc:
+        print(f"memcube-proxy: {exc}", file=sys.stderr)
+        return 2
+    print(info.describe())
+    return 0 if info.fits else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     offline.configure()
     args = build_parser().parse_args(argv)
+    if args.command == "adapters":
+        return adapters(args)
     from proxy.settings import ConfigError, load_settings
 
     try:

@@ -83,6 +83,12 @@ class AuthenticationError(ProxyError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "insufficient_permissions"
+
+
 class NotFoundError(ProxyError):
     status = 404
     type = "not_found_error"

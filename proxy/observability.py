@@ -224,3 +224,18 @@ class ActivationCollector(Collector):
             restore.add_metric([name], act.restore_seconds[0], act.restore_seconds[1])
             build.add_metric([name], act.build_seconds[0], act.build_seconds[1])
         yield from (hits, misses, rebuilds, evictions, corrupt, size, restore, build)
+        loads = CounterMetricFamily("memcube_adapter_loads", "LoRA adapters loaded into a "
+                                    "local model.", labels=["model"])
+        dropped = CounterMetricFamily("memcube_adapter_evictions", "LoRA adapters let go by the "
+                                      "loaded-adapter LRU.", labels=["model"])
+        uses = CounterMetricFamily("memcube_adapter_requests", "Local requests by adapter "
+                                   "('' = none).", labels=["model", "adapter"])
+        for name, backend in self.backends.items():
+            stats = getattr(backend, "adapter_stats", None)
+            if stats is None:
+                continue
+            loads.add_metric([name], stats.loads)
+            dropped.add_metric([name], stats.evictions)
+            for adapter, count in sorted(stats.requests.items()):
+                uses.add_metric([name, adapter], count)
+        yield from (loads, dropped, uses)

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from memory.layer import MemoryLayer, Turn
+from proxy.adapters import AdapterRegistry
 from proxy.backends.base import (
     ChatBackend,
     RequestContext,
@@ -50,9 +51,11 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 
 class ChatService:
-    def __init__(self, backends: dict[str, ChatBackend], memory: MemoryLayer) -> None:
+    def __init__(self, backends: dict[str, ChatBackend], memory: MemoryLayer,
+                 adapters: AdapterRegistry | None = None) -> None:
         self.backends = backends
         self.memory = memory
+        self.adapters = adapters
 
     async def handle(self, request: Request) -> Response:
         raw = await request.body()
@@ -76,6 +79,9 @@ class ChatService:
         body["messages"] = recall.messages
         ctx = RequestContext(tenant=turn.tenant, prefix=recall.prefix)
         headers = {"x-memcube-memories": ",".join(recall.memory_ids)}
+        applied = self.adapters.apply(ctx, backend) if self.adapters is not None else None
+        if applied:
+            headers["x-memcube-adapter"] = applied
         if req.stream:
             return await self._stream(request, backend, body, turn, messages, headers, ctx)
         return await self._complete(request, backend, body, turn, messages, headers, ctx)

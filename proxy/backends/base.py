@@ -26,6 +26,10 @@ class RequestContext:
     tenant: str = "default"
     prefix: Prefix | None = None
     activation: str = "none"
+    #: The tenant's adapter (parametric memory): a local LoRA's name for the local
+    #: backend, or the model name upstream backends call instead of their own.
+    adapter: str | None = None
+    upstream_model: str | None = None
 
 
 @dataclass(slots=True)

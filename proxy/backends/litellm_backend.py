@@ -61,7 +61,8 @@ class LiteLLMBackend(ChatBackend):
             return
         await GLOBAL_LOGGING_WORKER.stop()
 
-    def _kwargs(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+    def _kwargs(self, body: dict[str, Any], stream: bool,
+                ctx: RequestContext | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in body.items():
@@ -71,7 +72,9 @@ class LiteLLMBackend(ChatBackend):
         if extra:
             kwargs["extra_body"] = {**kwargs.get("extra_body", {}), **extra}
         kwargs.update(
-            model=self.upstream_model,
+            # The tenant's adapter, when it names a model, replaces ours.
+            model=(ctx.upstream_model if ctx is not None and ctx.upstream_model
+                   else self.upstream_model),
             stream=stream,
             timeout=self.timeout,
             num_retries=self.max_retries,
@@ -92,7 +95,7 @@ class LiteLLMBackend(ChatBackend):
     async def complete(self, body: dict[str, Any],
                        ctx: RequestContext | None = None) -> Completion:
         try:
-            response = await self._llm.acompletion(**self._kwargs(body, stream=False))
+            response = await self._llm.acompletion(**self._kwargs(body, stream=False, ctx=ctx))
         except Exception as exc:
             raise self._map_error(exc) from None
         return Completion(data=response.model_dump(exclude_none=False))
@@ -100,7 +103,7 @@ class LiteLLMBackend(ChatBackend):
     async def stream(self, body: dict[str, Any],
                      ctx: RequestContext | None = None) -> AsyncGenerator[dict[str, Any], None]:
         try:
-            response = await self._llm.acompletion(**self._kwargs(body, stream=True))
+            response = await self._llm.acompletion(**self._kwargs(body, stream=True, ctx=ctx))
             async for chunk in response:
                 yield chunk.model_dump(exclude_none=True)
         except ProxyError:

@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from memory.activation import Prefix, State, StateCache, state_key
+from memory.parametric import AdapterError
+from memory.parametric import inspect as inspect_adapter
 from proxy.backends.base import ChatBackend, Completion, RequestContext
 from proxy.errors import InvalidRequestError, ProxyError
 from proxy.protocol import completion_id, now
@@ -77,6 +80,23 @@ class PrefixPlan:
     key: str
 
 
+@dataclass(frozen=True, slots=True)
+class LoraSpec:
+    """A registered LoRA adapter: its file and scale. ``ident`` changes with the file."""
+
+    name: str
+    path: Path
+    scale: float
+    ident: str
+
+
+@dataclass(slots=True)
+class AdapterStats:
+    loads: int = 0
+    evictions: int = 0
+    requests: dict[str, int] = field(default_factory=dict)  # by adapter name ("" = none)
+
+
 @dataclass(slots=True)
 class ActivationStats:
     """Counts and times of activation memory, read by /metrics."""
@@ -93,13 +113,19 @@ class LlamaCppBackend(ChatBackend):
     cancel_on_disconnect = True
 
     def __init__(self, *, name: str, path: Path | None, n_ctx: int,
-                 n_threads: int | None = None, states: StateCache | None = None) -> None:
+                 n_threads: int | None = None, states: StateCache | None = None,
+                 max_adapters: int = 8) -> None:
         self.name = name
         self.path = path or default_model_path()
         self.n_ctx = n_ctx
         self.n_threads = n_threads or os.cpu_count() or 1
         self.states = states
         self.activation = ActivationStats()
+        self.adapter_stats = AdapterStats()
+        self.max_adapters = max_adapters
+        self._adapters: dict[str, LoraSpec] = {}  # registered
+        self._loaded: OrderedDict[str, tuple[str, Any]] = OrderedDict()  # name -> (ident, ptr)
+        self._applied: str | None = None  # the adapter set on the context now
         self._llm: Any = None
         self._formatter: Any = None
         self._model_id = ""
@@ -161,6 +187,111 @@ class LlamaCppBackend(ChatBackend):
             self._llm.close()
             self._llm = None
 
+    # -- parametric memory: LoRA adapters ---------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, LoraSpec]:
+        return dict(self._adapters)
+
+    async def register_adapter(self, name: str, path: Path, scale: float = 1.0) -> None:
+        """Check ``path`` against this model and load it; raises AdapterError (and
+        changes nothing) if it is not a LoRA that fits."""
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise AdapterError(f"cannot read {path}: {exc.strerror}") from None
+        spec = LoraSpec(name=name, path=path, scale=scale,
+                        ident=f"{name}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{scale}")
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            await loop.run_in_executor(self._executor, self._register, spec)
+
+    async def unregister_adapter(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            await loop.run_in_executor(self._executor, self._unregister, name)
+
+    def _register(self, spec: LoraSpec) -> None:
+        info = inspect_adapter(spec.path, self.path)
+        if not info.fits:
+            raise AdapterError(f"{spec.path} does not fit this model: " + "; ".join(info.problems))
+        pointer = self._load_lora(spec)
+        self._unregister(spec.name)  # a replaced adapter's old weights go
+        self._adapters[spec.name] = spec
+        self._keep_lora(spec.name, spec.ident, pointer)
+
+    def _unregister(self, name: str) -> None:
+        self._adapters.pop(name, None)
+        if name in self._loaded:
+            self._free_lora(name)
+
+    def _load_lora(self, spec: LoraSpec) -> Any:
+        import llama_cpp
+
+        pointer = llama_cpp.llama_adapter_lora_init(self._llm.model, str(spec.path).encode())
+        if not pointer:
+            raise AdapterError(f"llama.cpp refused {spec.path} as a LoRA for this model")
+        self.adapter_stats.loads += 1
+        return pointer
+
+    def _keep_lora(self, name: str, ident: str, pointer: Any) -> None:
+        self._loaded[name] = (ident, pointer)
+        self._loaded.move_to_end(name)
+        self._bound_loras()
+
+    def _bound_loras(self) -> None:
+        """Free the least recently used adapters beyond ``max_adapters`` (never the one
+        just used, which is last)."""
+        while len(self._loaded) > max(1, self.max_adapters):
+            oldest = next(iter(self._loaded))
+            self._free_lora(oldest)
+            self.adapter_stats.evictions += 1
+
+    def _free_lora(self, name: str) -> None:
+        import llama_cpp
+
+        if self._applied == name:
+            llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
+            self._applied = None
+        _, pointer = self._loaded.pop(name)
+        llama_cpp.llama_adapter_lora_free(pointer)
+
+    def _apply_lora(self, name: str | None) -> str | None:
+        """Set ``name``'s adapter on the context (None: no adapter), loading it again if
+        the LRU let it go; its identity, for cache keys and context ownership."""
+        import llama_cpp
+
+        self.adapter_stats.requests[name or ""] = self.adapter_stats.requests.get(name or "", 0) + 1
+        if name is None:
+            if self._applied is not None:
+                llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
+                self._applied = None
+            return None
+        spec = self._adapters.get(name)
+        if spec is None:
+            raise ProxyError(f"adapter '{name}' is not registered with the local model",
+                             code="adapter_unavailable")
+        entry = self._loaded.get(name)
+        if entry is None or entry[0] != spec.ident:
+            if entry is not None:
+                self._free_lora(name)
+            self._keep_lora(name, spec.ident, self._load_lora(spec))
+        else:
+            self._loaded.move_to_end(name)
+            self._bound_loras()
+        if self._applied != name:
+            pointer = self._loaded[name][1]
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(pointer)
+            scales = (ctypes.c_float * 1)(spec.scale)
+            if llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, adapters, 1, scales) != 0:
+                raise ProxyError(f"adapter '{name}' could not be applied", code="model_error")
+            self._applied = name
+        return spec.ident
+
+    def _adapter_ident(self, name: str | None) -> str | None:
+        spec = self._adapters.get(name) if name else None
+        return spec.ident if spec is not None else None
+
     # -- request handling -------------------------------------------------------------
 
     def _prepare(self, body: dict[str, Any], ctx: RequestContext | None = None
@@ -186,7 +317,8 @@ class LlamaCppBackend(ChatBackend):
         )
         plan = None
         if ctx is not None and ctx.prefix is not None and self.states is not None:
-            plan = self._plan(ctx.prefix, messages, formatted.prompt, tokens, add_bos)
+            plan = self._plan(ctx.prefix, messages, formatted.prompt, tokens, add_bos,
+                              self._adapter_ident(ctx.adapter))
         room = self.n_ctx - len(tokens)
         if room <= 0:
             raise InvalidRequestError(
@@ -219,7 +351,7 @@ class LlamaCppBackend(ChatBackend):
         return tokens, kwargs, plan
 
     def _plan(self, prefix: Prefix, messages: list[dict[str, str]], prompt: str,
-              tokens: list[int], add_bos: bool) -> PrefixPlan | None:
+              tokens: list[int], add_bos: bool, adapter: str | None) -> PrefixPlan | None:
         """The prefix's tokens: the prompt up to the end of the first message's content
         (the activation blocks), if they are also the start of the prompt's tokens."""
         content = prefix.content
@@ -233,7 +365,7 @@ class LlamaCppBackend(ChatBackend):
         if len(head) >= len(tokens) or tokens[:len(head)] != head:
             return None  # the template merges the block with what follows: no prefix
         return PrefixPlan(tokens=tuple(head), key=state_key(
-            model=self._model_id, adapter=None, prefix=prefix, tokens=head))
+            model=self._model_id, adapter=adapter, prefix=prefix, tokens=head))
 
     # -- activation memory (runs on the worker thread) -------------------------------------
 
@@ -302,13 +434,16 @@ class LlamaCppBackend(ChatBackend):
         self.activation.misses += 1
         return "miss"
 
-    def _warm(self, plan: PrefixPlan, owner: tuple[str, str | None]) -> None:
+    def _warm(self, plan: PrefixPlan, tenant: str, adapter: str | None) -> None:
         assert self.states is not None
         if self.states.has(plan.key):
             return
-        self._owner = owner
+        self._owner = (tenant, self._apply_lora(adapter))
         self._build(plan)
         self.activation.rebuilds += 1
+
+    #: The local adapter a tenant's requests run with (set by the app), for warming.
+    tenant_adapter: Callable[[str], str | None] = staticmethod(lambda tenant: None)
 
     async def warm(self, prefix: Prefix) -> None:
         """Save the state of ``prefix`` ahead of the requests that will start with it
@@ -320,19 +455,24 @@ class LlamaCppBackend(ChatBackend):
         add_bos = not formatted.added_special
         tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=add_bos,
                                     special=True)
-        plan = self._plan(prefix, messages, formatted.prompt, tokens, add_bos)
+        adapter = self.tenant_adapter(prefix.tenant)
+        if adapter is not None and adapter not in self._adapters:
+            return
+        plan = self._plan(prefix, messages, formatted.prompt, tokens, add_bos,
+                          self._adapter_ident(adapter))
         if plan is None:
             return
         loop = asyncio.get_running_loop()
         async with self._lock:
-            await loop.run_in_executor(self._executor, self._warm, plan, (prefix.tenant, None))
+            await loop.run_in_executor(self._executor, self._warm, plan, prefix.tenant, adapter)
 
     def _generate(self, tokens: list[int], kwargs: dict[str, Any],
                   put: Callable[[object], None], cancel: threading.Event,
                   plan: PrefixPlan | None = None, ctx: RequestContext | None = None) -> None:
         pieces = 0
         try:
-            owner = (ctx.tenant if ctx is not None else "", None)
+            ident = self._apply_lora(ctx.adapter if ctx is not None else None)
+            owner = (ctx.tenant if ctx is not None else "", ident)
             activation = self._set_up(plan, owner)
             if ctx is not None:
                 ctx.activation = activation

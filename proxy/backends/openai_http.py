@@ -73,8 +73,12 @@ class OpenAIHTTPBackend(ChatBackend):
             await self._session.close()
             self._session = None
 
-    def _payload(self, body: dict[str, Any]) -> bytes:
-        return json.dumps({**body, "model": self.upstream_model}).encode()
+    def _payload(self, body: dict[str, Any], ctx: RequestContext | None = None) -> bytes:
+        model = self.upstream_model
+        if ctx is not None and ctx.upstream_model:  # the tenant's adapter, as a model name
+            provider, _, name = ctx.upstream_model.partition("/")
+            model = name if name and provider in ("openai", "hosted_vllm") else ctx.upstream_model
+        return json.dumps({**body, "model": model}).encode()
 
     async def _send(self, payload: bytes, *, stream: bool) -> aiohttp.ClientResponse:
         """Send with retries on connect errors and retryable statuses, before any reply."""
@@ -105,7 +109,7 @@ class OpenAIHTTPBackend(ChatBackend):
 
     async def complete(self, body: dict[str, Any],
                        ctx: RequestContext | None = None) -> Completion:
-        response = await self._send(self._payload(body), stream=False)
+        response = await self._send(self._payload(body, ctx), stream=False)
         try:
             raw = await response.read()
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -126,7 +130,7 @@ class OpenAIHTTPBackend(ChatBackend):
 
     async def stream(self, body: dict[str, Any],
                      ctx: RequestContext | None = None) -> AsyncGenerator[dict[str, Any], None]:
-        events = self.stream_events(body)
+        events = self.stream_events(body, ctx)
         try:
             async for group in events:
                 for event in group:
@@ -137,7 +141,7 @@ class OpenAIHTTPBackend(ChatBackend):
     async def stream_events(
         self, body: dict[str, Any], ctx: RequestContext | None = None
     ) -> AsyncGenerator[list[StreamEvent], None]:
-        response = await self._send(self._payload(body), stream=True)
+        response = await self._send(self._payload(body, ctx), stream=True)
         try:
             if response.status >= 300:
                 try:
