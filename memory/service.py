@@ -68,6 +68,8 @@ class MemoryConfig:
 #: may save the new prefix's state before the next request needs it.
 PrefixListener = Callable[[str, Prefix], Awaitable[None]]
 _RECENT_PREFIXES = 64
+#: A block nobody read for this many refresh intervals is dropped from the cache.
+_FORGET_AFTER_REFRESHES = 10
 
 
 class MemoryService:
@@ -86,6 +88,7 @@ class MemoryService:
         self.access = AccessRecorder(store)
         # Activation blocks by (tenant, cube): the block and when it was computed.
         self._blocks: dict[tuple[str, str], tuple[ActivationBlock, float]] = {}
+        self._used: dict[tuple[str, str], float] = {}  # when each block was last read
         self._block_lock = threading.Lock()
         self._dirty: set[tuple[str, str]] = set()
         # (tenant, mounted cubes, model) of recent requests with a prefix, oldest first.
@@ -176,6 +179,8 @@ class MemoryService:
         """A cube's block: cached until its cube changes in a way that can alter it
         (pins, edits, deletes: at once) or access counts move it (every refresh)."""
         key = (tenant, cube_id)
+        if not fresh:
+            self._used[key] = time.monotonic()
         cached = self._blocks.get(key)
         if cached is not None and not fresh and key not in self._dirty:
             return cached[0]
@@ -231,11 +236,19 @@ class MemoryService:
         """Recompute changed blocks (and, once per refresh interval, every block in
         use); hand each recently used prefix whose blocks changed to the listeners.
         Returns how many prefixes changed."""
-        stale_after = time.monotonic() - self.config.activation_refresh
+        clock = time.monotonic()
+        stale_after = clock - self.config.activation_refresh
+        forget_before = clock - _FORGET_AFTER_REFRESHES * self.config.activation_refresh
         changed: set[tuple[str, str]] = set()
         for (tenant, cube_id), (old, at) in list(self._blocks.items()):
             key = (tenant, cube_id)
-            if not (all_blocks or key in self._dirty or at <= stale_after):
+            used = self._used.get(key, at)
+            if used < forget_before:  # nobody asked for it in a while: recomputed when asked
+                self._blocks.pop(key, None)
+                self._used.pop(key, None)
+                self._dirty.discard(key)
+                continue
+            if not (all_blocks or key in self._dirty or (at <= stale_after and used > at)):
                 continue
             model = next((m for t, cs, m in reversed(self._recent) if t == tenant and cube_id in cs),
                          None)

@@ -247,3 +247,29 @@ async def test_fine_mode_invalid_json_falls_back_to_fast(tmp_path: Path) -> None
     assert [(i.text, i.extractor, i.type) for i in items] == [("I like jazz", "fast", "raw")]
     await svc.stop()
     svc.close()
+
+
+async def test_activation_blocks_refresh_when_read_and_are_forgotten_when_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import memory.service as service_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(service_module.time, "monotonic", lambda: clock[0])
+    svc = make(tmp_path)  # not started: refresh_blocks is called by hand here
+    svc.create("t1", "alice", "Alice is vegetarian", pinned=True)
+    svc.create("t1", "bob", "Bob is vegan", pinned=True)
+    first = await svc.recall(turn(user="alice"), said("what do I eat"))
+    await svc.recall(turn(user="bob"), said("what do I eat"))
+    assert first.prefix is not None and "vegetarian" in first.prefix.content
+    computed = svc.block_refreshes
+    refresh = svc.config.activation_refresh
+    clock[0] += refresh + 1
+    await svc.recall(turn(user="alice"), said("again"))  # read since computed: refreshed
+    await svc.refresh_blocks()
+    assert svc.block_refreshes == computed + 1  # alice's only: bob's was not read since
+    clock[0] += 11 * refresh
+    await svc.refresh_blocks()
+    assert svc._blocks == {}  # nobody read them for ten intervals
+    again = await svc.recall(turn(user="bob"), said("what do I eat"))
+    assert again.prefix is not None and "vegan" in again.prefix.content
+    svc.close()
