@@ -91,9 +91,8 @@ def build_memory(settings: Settings, backends: dict[str, ChatBackend]) -> Memory
         # Backends that keep model state (the local one) save the new prefix's state now,
         # so the next request that starts with it restores instead of computing it.
         backend = backends.get(model)
-        warm_up = getattr(backend, "warm", None)
-        if callable(warm_up):
-            await warm_up(prefix)
+        if backend is not None:
+            await backend.warm(prefix)
 
     service.add_prefix_listener(warm)
     return service

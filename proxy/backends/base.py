@@ -67,6 +67,10 @@ class ChatBackend(ABC):
     def ready(self) -> bool:
         return True
 
+    async def warm(self, prefix: Prefix) -> None:  # noqa: B027 - optional hook
+        """Prepare for requests that will start with ``prefix`` (activation memory).
+        Backends that keep model state save it now; the others have nothing to do."""
+
     @abstractmethod
     async def complete(self, body: dict[str, Any],
                        ctx: RequestContext | None = None) -> Completion:

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _END = object()
 _READY = object()
+_PLANS_KEPT = 256  # prefixes whose tokens are remembered
 
 # Sampling fields of the OpenAI schema (and llama.cpp server's extras) the local model honours.
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
@@ -126,6 +127,7 @@ class LlamaCppBackend(ChatBackend):
         self._adapters: dict[str, LoraSpec] = {}  # registered
         self._loaded: OrderedDict[str, tuple[str, Any]] = OrderedDict()  # name -> (ident, ptr)
         self._applied: str | None = None  # the adapter set on the context now
+        self._plans: OrderedDict[tuple[Any, ...], PrefixPlan] = OrderedDict()
         self._llm: Any = None
         self._formatter: Any = None
         self._model_id = ""
@@ -353,19 +355,32 @@ class LlamaCppBackend(ChatBackend):
     def _plan(self, prefix: Prefix, messages: list[dict[str, str]], prompt: str,
               tokens: list[int], add_bos: bool, adapter: str | None) -> PrefixPlan | None:
         """The prefix's tokens: the prompt up to the end of the first message's content
-        (the activation blocks), if they are also the start of the prompt's tokens."""
+        (the activation blocks), if they are also the start of the prompt's tokens.
+
+        Every request of a user starts with the same prefix, so its tokens and key are
+        remembered (tokenizing a 2k-token block took 2.4 ms on the event loop)."""
         content = prefix.content
         if not messages or messages[0].get("content") != content:
             return None
         at = prompt.find(content)
         if at < 0:
             return None
-        head: list[int] = self._llm.tokenize(
-            prompt[:at + len(content)].encode("utf-8"), add_bos=add_bos, special=True)
-        if len(head) >= len(tokens) or tokens[:len(head)] != head:
+        text = prompt[:at + len(content)]
+        cache_key = (text, add_bos, adapter, prefix.tenant, prefix.parts)
+        plan = self._plans.get(cache_key)
+        if plan is None:
+            head = self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+            plan = PrefixPlan(tokens=tuple(head), key=state_key(
+                model=self._model_id, adapter=adapter, prefix=prefix, tokens=head))
+            self._plans[cache_key] = plan
+            while len(self._plans) > _PLANS_KEPT:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(cache_key)
+        n = len(plan.tokens)
+        if n >= len(tokens) or tuple(tokens[:n]) != plan.tokens:
             return None  # the template merges the block with what follows: no prefix
-        return PrefixPlan(tokens=tuple(head), key=state_key(
-            model=self._model_id, adapter=adapter, prefix=prefix, tokens=head))
+        return plan
 
     # -- activation memory (runs on the worker thread) -------------------------------------
 
