@@ -232,10 +232,10 @@ class MemoryService:
             except Exception:  # a failed refresh must not stop later ones
                 log.exception("activation block refresh failed")
 
-    async def refresh_blocks(self, *, all_blocks: bool = False) -> int:
-        """Recompute changed blocks (and, once per refresh interval, every block in
-        use); hand each recently used prefix whose blocks changed to the listeners.
-        Returns how many prefixes changed."""
+    async def refresh_blocks(self) -> int:
+        """Recompute changed blocks, and stale ones read since they were computed; drop
+        those nobody read for a while; hand each recently used prefix whose blocks
+        changed to the listeners. Returns how many prefixes changed."""
         clock = time.monotonic()
         stale_after = clock - self.config.activation_refresh
         forget_before = clock - _FORGET_AFTER_REFRESHES * self.config.activation_refresh
@@ -248,7 +248,7 @@ class MemoryService:
                 self._used.pop(key, None)
                 self._dirty.discard(key)
                 continue
-            if not (all_blocks or key in self._dirty or (at <= stale_after and used > at)):
+            if not (key in self._dirty or (at <= stale_after and used > at)):
                 continue
             model = next((m for t, cs, m in reversed(self._recent) if t == tenant and cube_id in cs),
                          None)
