@@ -167,7 +167,13 @@ class StateCache:
     def disk_used(self) -> int:
         if self.directory is None:
             return 0
-        return sum(p.stat().st_size for p in self.directory.glob("*.kv") if p.exists())
+        total = 0
+        for p in self.directory.glob("*.kv"):
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:  # evicted or replaced while we looked
+                continue
+        return total
 
     def _path(self, key: str) -> Path:
         assert self.directory is not None
