@@ -7,6 +7,8 @@ with an HTTP status. The tree::
     ├── InvalidRequestError         400 invalid_request_error
     │   └── PayloadTooLargeError    413 invalid_request_error
     ├── AuthenticationError         401 authentication_error
+    ├── PermissionDeniedError       403 permission_error
+    ├── RateLimitError              429 rate_limit_error, with Retry-After
     ├── NotFoundError               404 not_found_error
     │   └── ModelNotFoundError      404 not_found_error, code model_not_found
     └── UpstreamError               502 api_error (5xx and malformed replies)
@@ -43,6 +45,7 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "api_error"
     code: str | None = None
+    headers: dict[str, str] | None = None  # sent with the error response
 
     def __init__(
         self,
@@ -89,6 +92,17 @@ class PermissionDeniedError(ProxyError):
     code = "insufficient_permissions"
 
 
+class RateLimitError(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        # Whole seconds, as RFC 9110 has it; the openai SDK waits this long before a retry.
+        self.headers = {"retry-after": str(retry_after)}
+
+
 class NotFoundError(ProxyError):
     status = 404
     type = "not_found_error"
@@ -132,6 +146,8 @@ def error_body(
 
 
 def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> Response:
+    if exc.headers:
+        headers = {**exc.headers, **(headers or {})}
     return Response(
         content=json.dumps(exc.body()),
         status_code=exc.status,
