@@ -19,7 +19,7 @@ from memory.layer import MemoryLayer, NullMemory
 from memory.service import MemoryService
 from proxy.adapters import AdapterRegistry
 from proxy.adapters import router as adapter_router
-from proxy.auth import KeyRing
+from proxy.auth import RateLimiter
 from proxy.backends import ChatBackend, build_backend
 from proxy.errors import (
     InvalidRequestError,
@@ -34,6 +34,8 @@ from proxy.protocol import invalid_from_error
 from proxy.routes import chat_completions, public, router
 from proxy.serving import ChatService
 from proxy.settings import ModelConfig, Settings
+from proxy.tenants import TenantRegistry
+from proxy.tenants import router as tenant_router
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        app.state.keys = tenants.load()  # with the tenants the admin API added
         started: list[ChatBackend] = []
         service: MemoryService | None = None
         try:
@@ -94,17 +97,32 @@ def create_app(
     app.state.adapters = adapters
     app.state.started_at = int(time.time())
     app.state.memory_service = memory if isinstance(memory, MemoryService) else None
-    app.state.keys = KeyRing(settings)
+    tenants = TenantRegistry(settings)
+    app.state.tenants = tenants
+    app.state.keys = tenants.keyring()
+    app.state.rate_limiter = RateLimiter()
+    _warn_about_auth(settings)
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.include_router(router)
     app.include_router(memory_router)
     app.include_router(adapter_router)
+    app.include_router(tenant_router)
     app.include_router(public)
     app.add_middleware(
         ProxyMiddleware, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes
     )
     _install_error_handlers(app)
     return app
+
+
+def _warn_about_auth(settings: Settings) -> None:
+    keys = sum(len(t.api_keys) for t in settings.tenants)
+    if not settings.auth.enabled and keys:
+        log.warning("auth.enabled is false: the %s tenant keys in the config are ignored and "
+                    "every caller is tenant 'default' with admin rights", keys)
+    if settings.auth.enabled and not keys and not settings.auth.admin_keys:
+        log.warning("auth.enabled is true but no keys are configured: every request but "
+                    "/healthz will be refused")
 
 
 def _install_error_handlers(app: FastAPI) -> None:

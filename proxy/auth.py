@@ -1,20 +1,32 @@
-"""API keys -> tenant. Keys are held as SHA-256 digests; config may give either form.
+"""Who is calling: API key -> tenant (or admin), the tenant an admin acts for, and
+per-tenant rate limits.
 
-A key in the config is either the key itself (``sk-...``) or ``sha256:<hex digest>``
-of it, so config files need not hold secrets.
+Trust model: a tenant's key is a server-side secret of the tenant's application. The
+application asserts which of its end users a request is for (``X-Memcube-User`` or the
+body's ``user``), and the proxy believes it: isolation between tenants is enforced by
+the key, isolation between one tenant's users by that tenant's application.
+
+Keys are held only as SHA-256 digests. The digest of the presented key is compared
+with every stored digest by :func:`hmac.compare_digest`, without stopping at a match,
+so the time taken does not depend on how much of a key is right.
 """
 
 from __future__ import annotations
 
-import hashlib
+import hmac
+import math
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from proxy.errors import AuthenticationError
-from proxy.settings import Settings
+from proxy.errors import AuthenticationError, NotFoundError, PermissionDeniedError, RateLimitError
+from proxy.keys import digest, stored_digest
+from proxy.settings import TenantConfig
 
 DEFAULT_TENANT = "default"
+TENANT_HEADER = "x-memcube-tenant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,27 +35,26 @@ class Principal:
     admin: bool = False
 
 
-def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def _stored_digest(configured: str) -> str:
-    if configured.startswith("sha256:"):
-        return configured[len("sha256:"):].lower()
-    return _digest(configured)
-
-
 class KeyRing:
-    def __init__(self, settings: Settings) -> None:
-        self.enabled = settings.auth.enabled
-        self._by_digest: dict[str, Principal] = {}
-        for tenant in settings.tenants:
-            for key in tenant.api_keys:
-                self._by_digest[_stored_digest(key)] = Principal(tenant.id)
-        for key in settings.auth.admin_keys:
-            self._by_digest[_stored_digest(key)] = Principal(DEFAULT_TENANT, admin=True)
+    """The keys of the configured tenants and admins; immutable, rebuilt on change."""
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    def __init__(self, *, enabled: bool, tenants: Iterable[TenantConfig],
+                 admin_keys: Iterable[str], default_rpm: int | None = None) -> None:
+        self.enabled = enabled
+        self.tenants = {t.id: t for t in tenants}
+        self._entries: list[tuple[bytes, Principal]] = []
+        for tenant in self.tenants.values():
+            for key in tenant.api_keys:
+                self._entries.append((bytes.fromhex(stored_digest(key)), Principal(tenant.id)))
+        for key in admin_keys:
+            self._entries.append((bytes.fromhex(stored_digest(key)),
+                                  Principal(DEFAULT_TENANT, admin=True)))
+        self.limits = {t.id: rpm for t in self.tenants.values()
+                       if (rpm := t.rate_limit_rpm or default_rpm)}
+        if DEFAULT_TENANT not in self.limits and default_rpm:
+            self.limits[DEFAULT_TENANT] = default_rpm
+
+    def identify(self, authorization: str | None) -> Principal:
         if not self.enabled:
             return Principal(DEFAULT_TENANT, admin=True)
         if not authorization:
@@ -53,16 +64,63 @@ class KeyRing:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise AuthenticationError("Authorization must be 'Bearer <key>'.")
-        principal = self._by_digest.get(_digest(key.strip()))
-        if principal is None:
+        presented = bytes.fromhex(digest(key.strip()))
+        found: Principal | None = None
+        for stored, principal in self._entries:  # no early exit: constant time per key count
+            if hmac.compare_digest(stored, presented):
+                found = principal
+        if found is None:
             raise AuthenticationError("Incorrect API key provided.")
-        return principal
+        return found
+
+    def acting_as(self, principal: Principal, requested: str | None) -> Principal:
+        """An admin may act for any known tenant (``X-Memcube-Tenant``); a tenant only
+        for itself."""
+        if requested is None or requested == principal.tenant:
+            return principal
+        if not principal.admin:
+            raise PermissionDeniedError(
+                "Only admin keys may act for another tenant (X-Memcube-Tenant).")
+        if requested != DEFAULT_TENANT and requested not in self.tenants:
+            raise NotFoundError(f"No tenant '{requested[:64]}'.", code="tenant_not_found")
+        return Principal(requested, admin=True)
+
+
+class RateLimiter:
+    """A token bucket per tenant: ``rpm`` requests a minute, refilled continuously, and
+    bursts of up to a minute's worth. Per process: replicas each allow the full rate."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, when)
+
+    def wait_needed(self, tenant: str, rpm: int) -> float:
+        """0 and one request taken if the tenant may go on now, else the seconds until
+        it may (nothing taken)."""
+        now = self._clock()
+        tokens, then = self._buckets.get(tenant, (float(rpm), now))
+        tokens = min(float(rpm), tokens + (now - then) * rpm / 60.0)
+        if tokens >= 1.0:
+            self._buckets[tenant] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[tenant] = (tokens, now)
+        return (1.0 - tokens) * 60.0 / rpm
 
 
 def authenticate(request: Request) -> Principal:
-    """The caller's principal (kept in the request state), or a 401."""
-    keys: KeyRing = request.app.state.keys
-    principal = keys.authenticate(request.headers.get("authorization"))
+    """The caller's principal (kept in the request state), or a 401, 403, 404 or 429."""
+    app_state = request.app.state
+    keys: KeyRing = app_state.keys
+    principal = keys.identify(request.headers.get("authorization"))
+    principal = keys.acting_as(principal, request.headers.get(TENANT_HEADER))
+    rpm = None if principal.admin else keys.limits.get(principal.tenant)
+    if rpm:
+        wait = app_state.rate_limiter.wait_needed(principal.tenant, rpm)
+        if wait:
+            raise RateLimitError(
+                f"Rate limit of {rpm} requests per minute reached for tenant "
+                f"'{principal.tenant}'; retry after {wait:.1f} s.",
+                retry_after=max(1, math.ceil(wait)))
     request.scope["state"]["principal"] = principal
     return principal
 

@@ -83,6 +83,10 @@ class AuthSettings(_Section):
     admin_keys: list[str] = Field(
         default_factory=list, description="Keys that may manage adapters and tenants."
     )
+    rate_limit_rpm: int | None = Field(
+        default=None, ge=1, description=(
+            "Requests per minute each tenant may make (per replica; unset: unlimited). "
+            "A tenant's own rate_limit_rpm overrides it; admin keys are not limited."))
 
 
 class AdapterConfig(_Section):
@@ -94,10 +98,17 @@ class AdapterConfig(_Section):
     )
 
 
+TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class TenantConfig(_Section):
-    id: str = Field(description="Tenant id.")
-    api_keys: list[str] = Field(default_factory=list, description="Keys (or their hashes) of this tenant.")
+    id: str = Field(description="Tenant id.", pattern=TENANT_ID_PATTERN)
+    api_keys: list[str] = Field(default_factory=list, description=(
+        "Keys of this tenant, each the key itself or `sha256:<hex>` of it "
+        "(`memcube-proxy keys hash` prints that form)."))
     adapter: str | None = Field(default=None, description="Adapter applied to this tenant's requests.")
+    rate_limit_rpm: int | None = Field(
+        default=None, ge=1, description="Requests per minute (default: auth.rate_limit_rpm).")
 
 
 class QdrantSettings(_Section):
@@ -202,6 +213,25 @@ class Settings(BaseSettings):
             if self.memory.extraction_model not in seen:
                 raise ValueError(f"memory.extraction_model: no model named "
                                  f"'{self.memory.extraction_model}' in `models`")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_tenants_and_keys(self) -> Settings:
+        from proxy.keys import stored_digest
+
+        owner: dict[str, str] = {}
+        seen: set[str] = set()
+        for t in self.tenants:
+            if t.id in seen:
+                raise ValueError(f"tenants: duplicate tenant id '{t.id}'")
+            seen.add(t.id)
+        pairs = [(f"tenant '{t.id}'", k) for t in self.tenants for k in t.api_keys]
+        pairs += [("auth.admin_keys", k) for k in self.auth.admin_keys]
+        for who, key in pairs:
+            digest = stored_digest(key)
+            if digest in owner and owner[digest] != who:
+                raise ValueError(f"one API key is given to both {owner[digest]} and {who}")
+            owner[digest] = who
         return self
 
     def model_by_name(self, name: str) -> ModelConfig | None:
