@@ -1,4 +1,5 @@
-"""``memcube-proxy serve [--config FILE] [--host H] [--port P]``, and
+"""``memcube-proxy serve [--config FILE] [--host H] [--port P]``,
+``memcube-proxy keys hash|new`` for API keys, and
 ``memcube-proxy adapters make-test|inspect`` for LoRA adapter files."""
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="Address to listen on (default 127.0.0.1).")
     serve.add_argument("--port", type=int, help="Port to listen on (default 8000).")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    keys = sub.add_parser("keys", help="API keys for the config file.")
+    key_verbs = keys.add_subparsers(dest="verb", required=True)
+    hash_ = key_verbs.add_parser("hash", help="Print the `sha256:...` form of a key, which "
+                                 "the config may hold instead of the key.")
+    hash_.add_argument("key", nargs="?", help="The key (default: read one per line from "
+                       "stdin, which keeps it out of the shell history).")
+    key_verbs.add_parser("new", help="Print a new random key and its hashed form.")
     adapters = sub.add_parser("adapters", help="LoRA adapter files for the local model.")
     verbs = adapters.add_subparsers(dest="verb", required=True)
     make = verbs.add_parser("make-test", help="Write a small random LoRA that visibly changes "
@@ -58,11 +66,31 @@ def adapters(args: argparse.Namespace) -> int:
     return 0 if info.fits else 1
 
 
+def keys(args: argparse.Namespace) -> int:
+    from proxy.keys import hashed_form, new_key
+
+    if args.verb == "new":
+        key = new_key()
+        print(f"key:    {key}\nconfig: {hashed_form(key)}")
+        return 0
+    given = [args.key] if args.key is not None else [line.strip() for line in sys.stdin]
+    given = [k for k in given if k]
+    if not given:
+        print("memcube-proxy: no key given (pass one, or one per line on stdin)",
+              file=sys.stderr)
+        return 2
+    for key in given:
+        print(hashed_form(key))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     offline.configure()
     args = build_parser().parse_args(argv)
     if args.command == "adapters":
         return adapters(args)
+    if args.command == "keys":
+        return keys(args)
     from proxy.settings import ConfigError, load_settings
 
     try:

@@ -24,6 +24,7 @@ from proxy.testing.fake_upstream import FakeUpstream
 from proxy.testing.live import Live, serve
 
 KEYS = {"acme": "sk-acme", "globex": "sk-globex"}
+ADMIN_KEY = "sk-admin"
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +38,7 @@ def live(tmp_path: Path, upstream: FakeUpstream, model_cache: Path) -> Iterator[
         data_dir=tmp_path / "data",
         models=[ModelConfig(name="up", backend="litellm", model="openai/fake-model",
                             api_base=upstream.url, max_retries=0)],
-        auth=AuthSettings(enabled=True),
+        auth=AuthSettings(enabled=True, admin_keys=[ADMIN_KEY]),
         tenants=[TenantConfig(id=t, api_keys=[k]) for t, k in KEYS.items()],
         memory=MemorySettings(embedder=EmbedderSettings(cache_dir=model_cache)),
     )
@@ -248,6 +249,27 @@ def test_purge_erases_a_user(live: Live) -> None:
     assert api(live, "POST", "/memories/purge", json={"user": "alice"}).json()["deleted"] == 1
     users = {m["user"] for m in api(live, "GET", "/memories").json()["data"]}
     assert users == {"bob"}
+
+
+def test_admin_erases_a_tenants_user_acting_for_the_tenant(live: Live) -> None:
+    """Erasure requests reach an operator: an admin key acts for one tenant at a time."""
+    api(live, "POST", "/memories", json={"text": "Alice's secret", "user": "alice"})
+    api(live, "POST", "/memories", "globex", json={"text": "Globex's Alice", "user": "alice"})
+
+    def as_admin(method: str, path: str, tenant: str | None, **kw: Any) -> httpx.Response:
+        headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+        if tenant:
+            headers["x-memcube-tenant"] = tenant
+        return httpx.request(method, f"{live.base_url}{path}", headers=headers, **kw)
+
+    assert as_admin("GET", "/memories", None).json()["data"] == []  # its own tenant: default
+    seen = as_admin("GET", "/memories", "acme").json()["data"]
+    assert [m["text"] for m in seen] == ["Alice's secret"]
+    r = as_admin("POST", "/memories/purge", "acme", json={"user": "alice"})
+    assert r.json()["deleted"] == 1
+    assert api(live, "GET", "/memories").json()["data"] == []
+    assert [m["text"] for m in api(live, "GET", "/memories", "globex").json()["data"]] == [
+        "Globex's Alice"]
 
 
 def test_upstream_prompt_starts_with_the_stable_activation_block(
