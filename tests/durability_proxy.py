@@ -72,6 +72,16 @@ class ProxyProcess:
             time.sleep(0.05)  # polling a port that is not open yet, not a background job
         raise TimeoutError(f"proxy not healthy in {timeout} s:\n{self.output()}")
 
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        """Until the log holds ``text``: how a test finds a moment in the start-up to kill at."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {text!r} in the log in {timeout} s:\n{self.output()}")
+            time.sleep(0.001)
+
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)

@@ -92,7 +92,8 @@ def complete_one(sdk: openai.OpenAI, s: Sent) -> None:
 
 
 def stream_one(http: httpx.Client, url: str, s: Sent) -> None:
-    done, parts = False, []
+    done = False
+    parts: list[str] = []
     body = {"model": "up", "stream": True, "messages": [{"role": "user", "content": s.text}]}
     try:
         with http.stream("POST", f"{url}/v1/chat/completions", json=body,
@@ -287,3 +288,39 @@ def test_kill_9_keeps_every_acknowledged_exchange_exactly_once(
                "stored": len(items)}
     record_property("durability", json.dumps(figures))
     print("\n" + json.dumps(figures))
+
+
+def test_kill_9_while_the_first_start_creates_the_store_leaves_one_the_next_start_opens(
+        tmp_path: Path, upstream: FakeUpstream, model_cache: Path) -> None:
+    # The first start loads the embedder, then creates the store, then the outbox: a kill
+    # just after the embedder's log line lands while the store is being created (some
+    # 100-250 ms here), before it is complete. The next start must open it, not refuse it.
+    rng = random.Random(SEED)
+    mid_creation: list[bool] = []
+    for trial, jitter in enumerate([0.0, rng.uniform(0.0, 0.02), rng.uniform(0.0, 0.04)]):
+        data_dir = tmp_path / f"trial-{trial}"
+        config = write_config(tmp_path / f"proxy-{trial}.yaml", data_dir=data_dir,
+                              upstream_url=upstream.url, model_cache=model_cache)
+        first = ProxyProcess(config, tmp_path / f"proxy-{trial}-first.log")
+        try:
+            first.wait_for_log("loaded all-MiniLM-L6-v2")
+            time.sleep(jitter)
+            first.kill9()
+        finally:
+            first.stop_quietly()
+        mid_creation.append(not (data_dir / "outbox.sqlite3").exists())
+
+        proxy = ProxyProcess(config, tmp_path / f"proxy-{trial}-next.log")
+        try:
+            proxy.wait_healthy()
+            sent = Sent(text=f"After crash {trial} I moved the bonsai.", user="ana", stream=False,
+                        life=0)
+            complete_one(openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused",
+                                       max_retries=0), sent)
+            assert (sent.outcome, sent.detail) == ("acked", "")
+            flushed = httpx.post(f"{proxy.url}/v1/memories/flush", timeout=60)
+            assert flushed.json()["flushed"] is True
+            assert [(i["text"], i["user"]) for i in list_all(proxy.url)] == [(sent.text, "ana")]
+        finally:
+            proxy.stop_quietly()
+    assert any(mid_creation), "no kill landed before the store was complete"
