@@ -30,7 +30,7 @@ from proxy.errors import (
 )
 from proxy.memory_routes import router as memory_router
 from proxy.observability import Metrics, ProxyMiddleware
-from proxy.protocol import invalid_from_error
+from proxy.protocol import invalid_from_errors, unparsable_body
 from proxy.routes import chat_completions, public, router
 from proxy.serving import ChatService
 from proxy.settings import ModelConfig, Settings
@@ -149,15 +149,21 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> Response:
-        details = exc.errors()
-        if not details:
-            return respond(request, InvalidRequestError("Invalid request."))
-        return respond(request, invalid_from_error(details[0], getattr(exc, "body", None)))
+        # FastAPI's locations start with where the value was: body, query, path, header.
+        errors = [{**e, "loc": tuple(e["loc"])[1:]} for e in exc.errors()]
+        return respond(request, invalid_from_errors(errors, getattr(exc, "body", None)))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        cause = exc.__cause__
+        if isinstance(cause, ProxyError):  # e.g. the body limit, hit while FastAPI read it
+            return respond(request, cause)
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return respond(request, unparsable_body(cause))
         if exc.status_code == 404:
-            err: ProxyError = NotFoundError(f"Unknown path: {request.url.path}")
+            path = request.url.path
+            shown = path if len(path) <= 200 else f"{path[:200]}..."
+            err: ProxyError = NotFoundError(f"Unknown path: {shown}")
         elif exc.status_code < 500:
             err = InvalidRequestError(str(exc.detail), status=exc.status_code,
                                       type=error_type_for_status(exc.status_code))

@@ -112,7 +112,8 @@ class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist", param="model")
+        shown = model if len(model) <= 200 else f"{model[:200]}..."  # never echo 100 KB
+        super().__init__(f"The model '{shown}' does not exist", param="model")
 
 
 class UpstreamError(ProxyError):

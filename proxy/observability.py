@@ -1,7 +1,8 @@
 """Request ids, logging and Prometheus metrics, applied by one pure-ASGI middleware.
 
 Pure ASGI (not BaseHTTPMiddleware) because it sits on every request's hot path and
-must see a stream's last byte to time it. It also enforces the body size limit.
+must see a stream's last byte to time it. It also enforces the body size limit and
+the length of the headers that carry ids (a 100 KB user id is a 400, not a stored key).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.errors import PayloadTooLargeError, error_response
+from proxy.errors import InvalidRequestError, PayloadTooLargeError, ProxyError, error_response
+from proxy.protocol import MAX_ID_LENGTH
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 access_log = logging.getLogger("proxy.access")
 
 REQUEST_ID_HEADER = "x-memcube-request-id"
+# Headers that name a user or session, as the chat path and memory API read them.
+_ID_HEADERS = {b"x-memcube-user": "X-Memcube-User", b"x-memcube-session": "X-Memcube-Session"}
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                     30, 60, 120)
 
@@ -141,10 +145,10 @@ class ProxyMiddleware:
             return message
 
         try:
-            declared = _content_length(scope)
-            if declared is not None and declared > limit:
-                response = error_response(PayloadTooLargeError(_too_large(limit)))
-                await response(scope, receive, send_wrapper)
+            refused = _refused(scope, limit)
+            if refused is not None:
+                state["error_type"] = refused.type
+                await error_response(refused)(scope, receive, send_wrapper)
                 return
             await self.app(scope, limited_receive, send_wrapper)
         finally:
@@ -163,13 +167,22 @@ def _route_label(scope: Scope) -> str:
     return str(scope["path"]) if scope.get("endpoint") else "unmatched"
 
 
-def _content_length(scope: Scope) -> int | None:
+def _refused(scope: Scope, limit: int) -> ProxyError | None:
+    """What the headers alone show to be wrong: a declared body over the limit, or an
+    id header too long to be an id."""
     for name, value in scope.get("headers", []):
         if name == b"content-length":
             try:
-                return int(value)
+                declared = int(value)
             except ValueError:
-                return None
+                continue  # the server itself refuses a malformed length
+            if declared > limit:
+                return PayloadTooLargeError(_too_large(limit))
+        elif name in _ID_HEADERS and len(value) > MAX_ID_LENGTH:
+            header = _ID_HEADERS[name]
+            return InvalidRequestError(
+                f"The {header} header is {len(value)} characters long; at most "
+                f"{MAX_ID_LENGTH} are allowed.", param=header.lower(), code="invalid_header")
     return None
 
 

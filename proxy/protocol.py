@@ -1,19 +1,37 @@
-"""OpenAI protocol models for the chat endpoint.
+"""OpenAI protocol models for the chat endpoint, and how every JSON body is read.
 
 Request models accept unknown fields (they pass through to the upstream); the proxy
 validates only what it reads or what would otherwise fail obscurely downstream.
+
+Every JSON body (chat and the memory, cube and adapter APIs) is read by
+:func:`parse_json`: strict UTF-8, no ``NaN``/``Infinity``, and nesting bounded by
+jiter's recursion limit (about 200 levels), so what parses can be walked, validated
+and encoded again without a ``RecursionError``. Failures name what was wrong.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import from_json
+from starlette.requests import Request
 
 from proxy.errors import InvalidRequestError
+
+B = TypeVar("B", bound=BaseModel)
+
+#: Ids a request names (users, sessions, cubes): bounded, so a huge one is a 400, not
+#: a stored key or a filter scanned against every point.
+MAX_ID_LENGTH = 256
+#: Most cubes one request may name (mounted, or searched).
+MAX_CUBES = 64
+#: A C int: larger token counts, seeds and the like overflow local backends.
+MAX_INT32 = 2**31 - 1
+_BOM = b"\xef\xbb\xbf"
 
 
 class ChatMessage(BaseModel):
@@ -37,10 +55,11 @@ class MemoryOptions(BaseModel):
 
     enabled: bool = True
     write: bool = True
-    cubes: list[str] | None = None
-    write_cube: str | None = None
+    cubes: list[Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]] | None = Field(
+        default=None, max_length=MAX_CUBES)
+    write_cube: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
     top_k: int | None = Field(default=None, ge=0, le=100)
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_INT32)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -53,50 +72,91 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1, le=128)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
     memory: MemoryOptions | None = None
 
 
-def _param_from_loc(loc: tuple[int | str, ...], body: Any) -> str | None:
+def _param_from_loc(loc: tuple[int | str, ...], body: Any, *, missing: bool = False) -> str | None:
     """OpenAI writes a path into the body as ``messages.[0].content``.
 
-    pydantic's locations also name union members (``content.str``); only the
-    steps that exist in the body (or the missing key itself) are kept.
+    pydantic's locations also name union members (``content.str``); those steps are
+    not in the body and are skipped. A missing key, the last step of a ``missing``
+    error, is kept.
     """
     if body is None:  # a query or path parameter: nothing to walk
         return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc) or None
     parts: list[str] = []
     node = body
-    for step in loc:
-        if isinstance(node, dict) and isinstance(step, str):
+    for index, step in enumerate(loc):
+        if isinstance(node, dict) and isinstance(step, str) and step in node:
             parts.append(step)
-            node = node.get(step)
-            if node is None:
-                break
-        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
             parts.append(f"[{step}]")
             node = node[step]
-        else:
+        elif missing and index == len(loc) - 1:
+            parts.append(str(step))
+        elif not isinstance(step, str):
             break
     return ".".join(parts) or None
 
 
-def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
-    """Parse and validate a body; return the raw dict (to forward as-is) and the model."""
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, or a 400 that says why it is not."""
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(
-            f"The request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
+        return from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
+        raise _json_error(raw, str(exc)) from None
+
+
+def _json_error(raw: bytes, reason: str) -> InvalidRequestError:
+    if not raw.strip():
+        message = "The request body is empty: send a JSON object."
+    elif "recursion limit" in reason:
+        message = f"The request body is nested too deeply for JSON ({reason})."
+    else:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            message = (f"The request body is not valid UTF-8: byte 0x{raw[exc.start]:02x} "
+                       f"at position {exc.start}.")
+        else:
+            message = f"The request body is not valid JSON: {reason}."
+    return InvalidRequestError(message, code="invalid_json")
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def check_json_content_type(content_type: str | None) -> None:
+    """JSON bodies come as ``application/json`` (or ``+json``), or with no type at all;
+    a form or text upload is refused before it is parsed as something it is not."""
+    if not content_type:
+        return
+    media = content_type.partition(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/")
+                                       and media.endswith("+json")):
+        return
+    raise InvalidRequestError(
+        f"Unsupported Content-Type '{media[:100]}': send the body as application/json.",
+        status=415, code="unsupported_media_type")
+
+
+def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    """Parse and validate a body; return the raw dict (to forward as-is) and the model."""
+    body = parse_object(raw)
     try:
         req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
@@ -104,22 +164,79 @@ def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionReques
     return body, req
 
 
+async def read_object(request: Request) -> dict[str, Any]:
+    """A route's JSON body, read like the chat body (same checks, same errors)."""
+    check_json_content_type(request.headers.get("content-type"))
+    return parse_object(await request.body())
+
+
+def validate(model: type[B], body: dict[str, Any]) -> B:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_from_validation(exc, body) from None
+
+
+async def read_body(request: Request, model: type[B]) -> B:
+    return validate(model, await read_object(request))
+
+
+def unparsable_body(cause: BaseException | None) -> InvalidRequestError:
+    """What FastAPI's own body parsing ("There was an error parsing the body") hit, said
+    plainly, for routes that still let FastAPI read their body."""
+    if isinstance(cause, UnicodeDecodeError):
+        return InvalidRequestError(f"The request body is not valid UTF-8: byte "
+                                   f"0x{cause.object[cause.start]:02x} at position {cause.start}.",
+                                   code="invalid_json")
+    if isinstance(cause, RecursionError):
+        return InvalidRequestError("The request body is nested too deeply for JSON.",
+                                   code="invalid_json")
+    return InvalidRequestError("The request body could not be read as JSON.",
+                               code="invalid_json")
+
+
 def invalid_from_validation(exc: ValidationError, body: Any) -> InvalidRequestError:
-    return invalid_from_error(exc.errors()[0], body)
+    return invalid_from_errors(exc.errors(), body)
 
 
-def invalid_from_error(err: Any, body: Any) -> InvalidRequestError:
-    """One pydantic error detail (``loc``, ``msg``, ``type``) as a 400 naming its param."""
-    loc = tuple(err["loc"])
-    if loc and loc[0] in ("body", "query", "path"):
-        loc = loc[1:]
-    param = _param_from_loc(loc, body)
-    msg = err["msg"]
-    if err["type"] == "missing":
-        message = f"Missing required parameter: '{param}'."
-    else:
-        message = f"Invalid value for '{param}': {msg}."
-    return InvalidRequestError(message, param=param, code="invalid_value")
+def invalid_from_errors(errors: Sequence[Any], body: Any) -> InvalidRequestError:
+    """pydantic's error details (``loc``, ``msg``, ``type``) as one 400 naming a param.
+    Locations are within ``body`` (FastAPI's leading ``body``/``query`` step removed).
+
+    The error that reaches deepest into the body wins: for ``content: ["hi"]`` that is
+    ``content.[0]`` (not a dict), not ``content`` (not a string). The union members that
+    failed on that param are named together ("a valid string or a valid list")."""
+    if not errors:
+        return InvalidRequestError("Invalid request.")
+    if errors[0]["type"] == "json_invalid":  # FastAPI parsed a route's body and failed
+        reason = errors[0].get("ctx", {}).get("error", "invalid JSON")
+        return InvalidRequestError(f"The request body is not valid JSON: {reason} (at "
+                                   f"character {errors[0]['loc'][-1]}).", code="invalid_json")
+    located = [(_param(err, body), err) for err in errors]
+    depth = max(_depth(param) for param, _ in located)
+    param = next(param for param, _ in located if _depth(param) == depth)
+    chosen = [err for p, err in located if p == param]
+    if chosen[0]["type"] == "missing":
+        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param,
+                                   code="invalid_value")
+    reasons: list[str] = []
+    for err in chosen:
+        reason = str(err["msg"])
+        if reasons:
+            reason = reason.removeprefix("Input should be ")
+        if reason not in reasons:
+            reasons.append(reason)
+    what = f"'{param}'" if param else "the request body"
+    return InvalidRequestError(f"Invalid value for {what}: {' or '.join(reasons)}.",
+                               param=param, code="invalid_value")
+
+
+def _param(err: Any, body: Any) -> str | None:
+    return _param_from_loc(tuple(err["loc"]), body, missing=err["type"] == "missing")
+
+
+def _depth(param: str | None) -> int:
+    return 0 if param is None else param.count(".") + 1
 
 
 def completion_id() -> str:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.auth import authenticate, require_key
+from proxy.protocol import check_json_content_type
 
 router = APIRouter(dependencies=[Depends(require_key)])
 public = APIRouter()
@@ -17,6 +18,7 @@ async def chat_completions(request: Request) -> Response:
     """The hot path, mounted as a plain Starlette route: FastAPI's dependency
     resolution cost more per request than the rest of the relay (bench/overhead.py)."""
     authenticate(request)
+    check_json_content_type(request.headers.get("content-type"))
     return await request.app.state.chat.handle(request)
 
 
