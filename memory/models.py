@@ -12,13 +12,19 @@ import hashlib
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MemoryType = Literal["fact", "preference", "event", "raw"]
 MemoryStatus = Literal["active", "archived", "deleted"]
 CubeKind = Literal["user", "shared"]
+
+#: Bounds of the numbers an item carries. Imports and the API hand them in from outside;
+#: beyond these they are no dates or counts, and overflow the stores' 64-bit integers.
+MAX_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z
+MAX_COUNT = 2**53 - 1  # exact as a JSON number everywhere
+Time = Annotated[int, Field(ge=0, le=MAX_TIME)]
 
 # Deterministic ids: the same input (an exchange replayed after a crash) gives the
 # same id, so an upsert overwrites instead of duplicating.
@@ -63,7 +69,7 @@ class Source(BaseModel):
     request_id: str | None = None
     session_id: str | None = None
     role: str = "user"
-    at: int = Field(default_factory=now)
+    at: Time = Field(default_factory=now)
     ref: str | None = Field(default=None, description="Caller's id for the message (e.g. a dia_id).")
 
 
@@ -85,11 +91,11 @@ class MemoryItem(BaseModel):
     tags: list[str] = Field(default_factory=list)
     pinned: bool = False
     status: MemoryStatus = "active"
-    version: int = 1
-    created_at: int = Field(default_factory=now)
-    updated_at: int = Field(default_factory=now)
-    access_count: int = 0
-    last_accessed_at: int | None = None
+    version: int = Field(default=1, ge=1, le=MAX_COUNT)
+    created_at: Time = Field(default_factory=now)
+    updated_at: Time = Field(default_factory=now)
+    access_count: int = Field(default=0, ge=0, le=MAX_COUNT)
+    last_accessed_at: Time | None = None
     sources: list[Source] = Field(default_factory=list)
     extractor: str | None = Field(default=None, description="What produced it: fast, fine, api, import.")
 
@@ -119,7 +125,7 @@ class Cube(BaseModel):
     kind: CubeKind = "user"
     owner: str | None = Field(default=None, description="The user of a default cube.")
     description: str = ""
-    created_at: int = Field(default_factory=now)
+    created_at: Time = Field(default_factory=now)
 
     def api(self) -> dict[str, Any]:
         return {"id": self.id, "object": "cube", "name": self.name, "kind": self.kind,

@@ -9,21 +9,23 @@ fit is refused with a 400, and nothing changes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from memory.parametric import AdapterError
+from memory.parametric import AdapterError, inspect
 from proxy.auth import Principal, require_key
 from proxy.backends.base import ChatBackend, RequestContext
 from proxy.backends.llamacpp import LlamaCppBackend
 from proxy.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from proxy.protocol import MAX_ID_LENGTH, read_body
 from proxy.settings import AdapterConfig, Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,12 @@ class AdapterRegistry:
         path = self._path(adapter)
         if path is None:
             return
+        if not self.local:
+            # No model to fit it to, but a file that is no LoRA at all is refused even so,
+            # rather than accepted now and failing when a local model is configured.
+            info = await asyncio.to_thread(inspect, path)
+            if not info.fits:
+                raise AdapterError(f"{path}: " + "; ".join(info.problems))
         for backend in self.local:
             await backend.register_adapter(adapter.name, path, adapter.scale)
 
@@ -133,12 +141,13 @@ router = APIRouter(prefix="/v1/adapters", dependencies=[Depends(require_key)])
 
 
 class PutAdapter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     path: str | None = Field(default=None, min_length=1, max_length=4096)
     scale: float = Field(default=1.0, ge=-100, le=100)
     upstream_model: str | None = Field(default=None, min_length=1, max_length=512)
-    tenants: list[str] | None = Field(default=None, max_length=1000)
+    tenants: list[Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]] | None = Field(
+        default=None, max_length=1000)
 
 
 def _registry(request: Request) -> AdapterRegistry:
@@ -157,8 +166,9 @@ async def list_adapters(request: Request) -> dict[str, Any]:
 
 
 @router.put("/{name}")
-async def put_adapter(name: str, body: PutAdapter, request: Request) -> dict[str, Any]:
+async def put_adapter(name: str, request: Request) -> dict[str, Any]:
     registry = _registry(request)
+    body = await read_body(request, PutAdapter)
     if not re.match(NAME_PATTERN, name):
         raise InvalidRequestError("Adapter names are 1-128 letters, digits, '.', '_' or '-'.",
                                   param="name")

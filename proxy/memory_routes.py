@@ -1,6 +1,8 @@
 """The memory and cube API: thin routes over :class:`memory.service.MemoryService`.
 
 Every route is tenant-scoped by the caller's key; store calls run off the event loop.
+Bodies are read by :func:`proxy.protocol.read_body`, so a bad one fails as the chat
+body does (same checks, same messages), never through FastAPI's generic parse error.
 Lists answer ``{"object": "list", "data": [...], "has_more": bool}``; a page's
 ``next_after`` is the cursor for ``?after=``.
 """
@@ -9,23 +11,27 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Body, Depends, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from memory.models import MemoryItem, MemoryStatus, MemoryType, Source
+from memory.models import MAX_TIME, MemoryItem, MemoryStatus, MemoryType, Source
 from memory.service import MemoryService
 from memory.store.base import Hit
 from proxy.auth import Principal, require_key
 from proxy.errors import InvalidRequestError, NotFoundError
+from proxy.protocol import MAX_CUBES, MAX_ID_LENGTH, read_body, read_object, validate
 from proxy.serving import USER_HEADER
 
 router = APIRouter(dependencies=[Depends(require_key)])
 T = TypeVar("T")
-B = TypeVar("B", bound=BaseModel)
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+Tag = Annotated[str, Field(max_length=MAX_ID_LENGTH)]
+# Ids in the path: one longer than any id is a 400 naming it, not a 404 echoing it.
+MemoryId = Annotated[str, Path(max_length=MAX_ID_LENGTH)]
+CubeId = Annotated[str, Path(max_length=MAX_ID_LENGTH)]
 
 
 def service(request: Request) -> MemoryService:
@@ -55,23 +61,23 @@ class _Body(BaseModel):
 
 
 class SourceIn(_Body):
-    request_id: str | None = None
-    session_id: str | None = None
-    role: str = "user"
-    at: int | None = None
-    ref: str | None = None
+    request_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    session_id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    role: str = Field(default="user", max_length=64)
+    at: int | None = Field(default=None, ge=0, le=MAX_TIME)
+    ref: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
 
 
 class MemoryIn(_Body):
     text: str = Field(min_length=1, max_length=20000)
     context: str | None = Field(default=None, max_length=20000, description=(
         "What the memory was said in reply to: searched at a lower weight, never injected."))
-    user: str | None = Field(default=None, min_length=1, max_length=256)
-    cube_id: str | None = None
+    user: Id | None = None
+    cube_id: Id | None = None
     type: MemoryType = "fact"
-    tags: list[str] = Field(default_factory=list, max_length=64)
+    tags: list[Tag] = Field(default_factory=list, max_length=64)
     pinned: bool = False
-    created_at: int | None = Field(default=None, ge=0)
+    created_at: int | None = Field(default=None, ge=0, le=MAX_TIME)
     sources: list[SourceIn] = Field(default_factory=list, max_length=64)
 
 
@@ -82,15 +88,15 @@ class MemoriesIn(_Body):
 class MemoryPatch(_Body):
     text: str | None = Field(default=None, min_length=1, max_length=20000)
     type: MemoryType | None = None
-    tags: list[str] | None = Field(default=None, max_length=64)
+    tags: list[Tag] | None = Field(default=None, max_length=64)
     pinned: bool | None = None
     status: MemoryStatus | None = None
 
 
 class SearchIn(_Body):
     query: str = Field(min_length=1, max_length=20000)
-    user: str | None = None
-    cubes: list[str] | None = None
+    user: Id | None = None
+    cubes: list[Id] | None = Field(default=None, max_length=MAX_CUBES)
     top_k: int = Field(default=10, ge=1, le=100)
     status: list[MemoryStatus] = Field(default=["active"], min_length=1)
 
@@ -102,11 +108,11 @@ class CubeIn(_Body):
 
 
 class MergeIn(_Body):
-    source: str = Field(min_length=1, description="The cube whose memories are copied in.")
+    source: Id = Field(description="The cube whose memories are copied in.")
 
 
 class PurgeIn(_Body):
-    user: str = Field(min_length=1)
+    user: Id
 
 
 def caller_user(request: Request, explicit: str | None) -> str:
@@ -123,19 +129,12 @@ def _sources(sources: list[SourceIn]) -> list[Source]:
             for s in sources]
 
 
-def parse(model: type[B], raw: Any) -> B:
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(), body=raw) from None
-
-
 @router.post("/v1/memories")
-async def create_memory(request: Request,
-                        raw: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+async def create_memory(request: Request) -> dict[str, Any]:
     """One memory, or several as ``{"items": [...]}`` (one embedding batch)."""
     svc, t = service(request), tenant(request)
-    body = parse(MemoriesIn, raw) if "items" in raw else parse(MemoryIn, raw)
+    raw = await read_object(request)
+    body = validate(MemoriesIn, raw) if "items" in raw else validate(MemoryIn, raw)
     if isinstance(body, MemoriesIn):
         specs = [{**m.model_dump(exclude={"sources"}), "user": caller_user(request, m.user),
                   "sources": _sources(m.sources)} for m in body.items]
@@ -149,10 +148,13 @@ async def create_memory(request: Request,
 
 
 @router.get("/v1/memories")
-async def list_memories(request: Request, user: str | None = None, cube_id: str | None = None,
+async def list_memories(request: Request,
+                        user: str | None = Query(default=None, max_length=MAX_ID_LENGTH),
+                        cube_id: str | None = Query(default=None, max_length=MAX_ID_LENGTH),
                         status: MemoryStatus | None = None,
                         limit: int = Query(default=100, ge=1, le=1000),
-                        after: str | None = None) -> dict[str, Any]:
+                        after: str | None = Query(default=None, max_length=200)
+                        ) -> dict[str, Any]:
     try:
         items, cursor = await run(service(request).store.list_items, tenant(request), user=user,
                                   cube_id=cube_id, status=status, limit=limit, cursor=after)
@@ -162,7 +164,8 @@ async def list_memories(request: Request, user: str | None = None, cube_id: str 
 
 
 @router.post("/v1/memories/search")
-async def search_memories(request: Request, body: SearchIn) -> dict[str, Any]:
+async def search_memories(request: Request) -> dict[str, Any]:
+    body = await read_body(request, SearchIn)
     hits = await run(service(request).search, tenant(request), body.query, user=body.user,
                      cube_ids=body.cubes, top_k=body.top_k, statuses=body.status)
     return listing(scored(hits))
@@ -175,7 +178,8 @@ async def flush_memories(request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/memories/purge")
-async def purge_memories(request: Request, body: PurgeIn) -> dict[str, Any]:
+async def purge_memories(request: Request) -> dict[str, Any]:
+    body = await read_body(request, PurgeIn)
     svc = service(request)
     await svc.flush()  # what the user said just now is erased too
     removed = await run(svc.purge_user, tenant(request), body.user)
@@ -183,32 +187,34 @@ async def purge_memories(request: Request, body: PurgeIn) -> dict[str, Any]:
 
 
 @router.get("/v1/memories/{memory_id}")
-async def get_memory(request: Request, memory_id: str) -> dict[str, Any]:
+async def get_memory(request: Request, memory_id: MemoryId) -> dict[str, Any]:
     item: MemoryItem = await run(service(request).get, tenant(request), memory_id)
     return item.api()
 
 
 @router.patch("/v1/memories/{memory_id}")
-async def patch_memory(request: Request, memory_id: str, body: MemoryPatch) -> dict[str, Any]:
+async def patch_memory(request: Request, memory_id: MemoryId) -> dict[str, Any]:
+    body = await read_body(request, MemoryPatch)
     item = await run(service(request).patch, tenant(request), memory_id,
                      body.model_dump(exclude_none=True))
     return item.api()
 
 
 @router.delete("/v1/memories/{memory_id}")
-async def delete_memory(request: Request, memory_id: str) -> dict[str, Any]:
+async def delete_memory(request: Request, memory_id: MemoryId) -> dict[str, Any]:
     item = await run(service(request).delete, tenant(request), memory_id)
     return {"id": item.id, "object": "memory.deleted", "deleted": True, "version": item.version}
 
 
 @router.get("/v1/memories/{memory_id}/history")
-async def memory_history(request: Request, memory_id: str) -> dict[str, Any]:
+async def memory_history(request: Request, memory_id: MemoryId) -> dict[str, Any]:
     versions = await run(service(request).history, tenant(request), memory_id)
     return listing([v.api() for v in versions])
 
 
 @router.post("/v1/cubes")
-async def create_cube(request: Request, body: CubeIn) -> dict[str, Any]:
+async def create_cube(request: Request) -> dict[str, Any]:
+    body = await read_body(request, CubeIn)
     cube = await run(service(request).create_cube, tenant(request), body.name,
                      description=body.description, cube_id=body.id)
     return cube.api()
@@ -222,33 +228,44 @@ async def list_cubes(request: Request) -> dict[str, Any]:
 
 @router.post("/v1/cubes/import")
 async def import_cube(request: Request) -> dict[str, Any]:
-    raw = (await request.body()).decode("utf-8", errors="replace")
-    cube, count = await run(service(request).import_cube, tenant(request), raw.splitlines())
+    svc, body = service(request), await request.body()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Replacing bad bytes would store text the exporter never wrote.
+        line = body.count(b"\n", 0, exc.start) + 1
+        raise InvalidRequestError(f"line {line}: not valid UTF-8 (byte 0x{body[exc.start]:02x})."
+                                  ) from None
+    try:
+        cube, count = await run(svc.import_cube, tenant(request), text.splitlines())
+    except RecursionError:
+        raise InvalidRequestError("A line of the export is nested too deeply for JSON.") from None
     return {**cube.api(), "imported": count}
 
 
 @router.get("/v1/cubes/{cube_id}")
-async def get_cube(request: Request, cube_id: str) -> dict[str, Any]:
+async def get_cube(request: Request, cube_id: CubeId) -> dict[str, Any]:
     svc, t = service(request), tenant(request)
     cube = await run(svc.get_cube, t, cube_id)
     return {**cube.api(), "memories": await run(svc.store.count, t, cube_id=cube_id)}
 
 
 @router.delete("/v1/cubes/{cube_id}")
-async def delete_cube(request: Request, cube_id: str) -> dict[str, Any]:
+async def delete_cube(request: Request, cube_id: CubeId) -> dict[str, Any]:
     removed = await run(service(request).delete_cube, tenant(request), cube_id)
     return {"id": cube_id, "object": "cube.deleted", "deleted": True, "memories_deleted": removed}
 
 
 @router.get("/v1/cubes/{cube_id}/export")
-async def export_cube(request: Request, cube_id: str) -> StreamingResponse:
+async def export_cube(request: Request, cube_id: CubeId) -> StreamingResponse:
     svc, t = service(request), tenant(request)
     lines = await run(lambda: list(svc.export_cube(t, cube_id)))
     return StreamingResponse(iter(lines), media_type="application/x-ndjson")
 
 
 @router.post("/v1/cubes/{cube_id}/merge")
-async def merge_cube(request: Request, cube_id: str, body: MergeIn) -> JSONResponse:
+async def merge_cube(request: Request, cube_id: CubeId) -> JSONResponse:
+    body = await read_body(request, MergeIn)
     copied = await run(service(request).merge_cubes, tenant(request), body.source, cube_id)
     return JSONResponse({"id": cube_id, "object": "cube.merge", "source": body.source,
                          "copied": copied})
