@@ -213,7 +213,7 @@ def run_life(config: Path, log: Path, life: Life, sent: list[Sent], jitter: floa
         proxy.stop_quietly()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
@@ -226,7 +226,7 @@ def test_kill_9_keeps_every_acknowledged_exchange_exactly_once(
     config = write_config(tmp_path / "proxy.yaml", data_dir=data_dir, upstream_url=upstream.url,
                           model_cache=model_cache)
     lives = [Life(i, rng.randint(10, 150)) for i in range(KILLS)]
-    lives[2].kill_after = None  # killed while restarting, the previous life's backlog unreplayed
+    lives[2].kill_after = None  # killed while starting up, maybe mid-replay of the last backlog
     sent: list[Sent] = []
     outbox = data_dir / "outbox.sqlite3"
     ready = 1.0
@@ -247,7 +247,11 @@ def test_kill_9_keeps_every_acknowledged_exchange_exactly_once(
     try:
         last.wait_healthy()
         final = len(lives)
-        Load(last.url, final, sent, turns=FINAL_TURNS_PER_CLIENT).join()
+        load = Load(last.url, final, sent, turns=FINAL_TURNS_PER_CLIENT)
+        try:
+            load.wait_acked(CLIENTS * FINAL_TURNS_PER_CLIENT)
+        finally:
+            load.join()
         flushed = httpx.post(f"{last.url}/v1/memories/flush", timeout=120)
         assert flushed.json() == {"object": "memory.flush", "flushed": True}
         items = list_all(last.url)
@@ -257,7 +261,7 @@ def test_kill_9_keeps_every_acknowledged_exchange_exactly_once(
 
     failed = [(s.text, s.outcome, s.detail) for s in sent if s.outcome not in ("acked", "cut", "refused")]
     assert failed == []
-    assert all(s.outcome == "acked" for s in sent if s.life == final)
+    assert [s.outcome for s in sent if s.life == final] == ["acked"] * CLIENTS * FINAL_TURNS_PER_CLIENT
 
     by_text = {s.text: s for s in sent}
     stored = Counter(item["text"] for item in items)
