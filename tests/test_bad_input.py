@@ -474,6 +474,9 @@ def cube_cases() -> list[Case]:
              "every memory must belong", None,
              good + b"\n" + json.dumps({"object": "memory", "id": "m1", "cube_id": "other",
                                         "user": "u", "text": "t"}).encode()),
+        Case("cube-import-other-tenant", "POST", f"{cb}/import", 400, "line 1", None,
+             json.dumps({"object": "cube", "id": "imp", "name": "i", "tenant": "globex"}
+                        ).encode()),
         Case("cube-import-over-limit", "POST", f"{cb}/import", 413, "larger than the limit",
              None, b"x" * TOO_BIG, code="payload_too_large"),
         Case("cube-put", "PUT", f"{cb}/{CUBE}", 405, "Method Not Allowed", None, {"name": "n"}),
@@ -544,6 +547,9 @@ def tenant_cases() -> list[Case]:
              b'{"api_keys": ["\xff"]}', key=ADMIN, code="invalid_json"),
         Case("tenant-put-nested", "PUT", f"{t}/newco", 400, "nested too deeply", None, NESTED,
              key=ADMIN, code="invalid_json"),
+        Case("tenant-put-form", "PUT", f"{t}/newco", 415, "Unsupported Content-Type", None,
+             b"api_keys=sk-new", headers={"content-type": "application/x-www-form-urlencoded"},
+             key=ADMIN, code="unsupported_media_type"),
         Case("tenant-delete-unknown", "DELETE", f"{t}/nope", 404, "No tenant 'nope'", None,
              key=ADMIN),
     ]
