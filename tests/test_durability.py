@@ -4,8 +4,10 @@ The proxy runs as ``python -m proxy.cli serve`` with memory on (Qdrant Edge and 
 under one data directory, fast extraction) and a model relayed to the scripted fake
 upstream. Concurrent clients send chats, streamed and not, each with a user turn of
 its own; the proxy is killed with SIGKILL after a seeded random number of completed
-exchanges (once as the first requests arrive, while the worker replays the previous
-life's backlog), then started again on the same data directory. After the last start
+exchanges (twice instead at a random moment of its start-up, when the worker may be
+replaying the previous life's backlog), then started again on the same data directory.
+Twelve kills make it near certain that some land between a store write and its outbox
+ack, so a write-back that is not idempotent fails here by storing a turn twice. After the last start
 and a flush, every acknowledged exchange's user turn is stored exactly once, the
 others at most once, nothing else is stored, and the outbox holds no dead letter.
 
@@ -35,7 +37,7 @@ from proxy.testing.fake_upstream import DEFAULT_TEXT, FakeUpstream
 from tests.durability_proxy import ProxyProcess, outbox_rows, write_config
 
 SEED = 20251124
-KILLS = 6
+KILLS = 12
 CLIENTS = 6
 FINAL_TURNS_PER_CLIENT = 5
 USERS = ("ana", "ben", "chen")
@@ -225,8 +227,9 @@ def test_kill_9_keeps_every_acknowledged_exchange_exactly_once(
     data_dir = tmp_path / "data"
     config = write_config(tmp_path / "proxy.yaml", data_dir=data_dir, upstream_url=upstream.url,
                           model_cache=model_cache)
-    lives = [Life(i, rng.randint(10, 150)) for i in range(KILLS)]
-    lives[2].kill_after = None  # killed while starting up, maybe mid-replay of the last backlog
+    lives = [Life(i, rng.randint(10, 80)) for i in range(KILLS)]
+    for startup in (2, 7):  # killed while starting up, maybe mid-replay of the last backlog
+        lives[startup].kill_after = None
     sent: list[Sent] = []
     outbox = data_dir / "outbox.sqlite3"
     ready = 1.0
