@@ -70,6 +70,7 @@ class Options:
     chunk_delay: float = 0.01  # seconds between them: streams stay open like a model's
     timeout: float = 60.0  # per request, client side
     pool_size: int = 10  # clients per HTTP connection pool
+    write: bool = True  # False: requests say memory.write=false (recall only, nothing stored)
     progress: float = 5.0  # seconds between progress lines
     seed: int = 20251124
 
@@ -101,11 +102,43 @@ class Run:
     started: float = 0.0
     warm_end: float = 0.0
     ended: float = 0.0
-    rss_after_warmup: int | None = None  # bytes
-    rss_end: int | None = None
-    rss_samples: list[int] = field(default_factory=list)
+    after_warmup: Sample | None = None
+    end: Sample | None = None
+    samples: list[Sample] = field(default_factory=list)  # every progress tick after warm-up
     proxy_cpu: float = 0.0  # seconds over the measured window
     client_cpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The proxy's resident memory (bytes: all, anonymous, file-backed) and the
+    exchanges waiting in its outbox, at one moment."""
+
+    rss: int
+    anon: int
+    file: int
+    pending: int | None
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What the run samples: the proxy's process and its outbox file."""
+
+    pid: int
+    outbox: Path | None = None
+
+    def sample(self) -> Sample:
+        status = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{self.pid}/status").read_text().splitlines() if ":" in line)
+
+        def kib(key: str) -> int:
+            return int(status[key].split()[0]) * 1024
+
+        pending = outbox_state(self.outbox)["pending"] if self.outbox else None
+        return Sample(rss=kib("VmRSS"), anon=kib("RssAnon"), file=kib("RssFile"), pending=pending)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
 
 
 # -- processes -----------------------------------------------------------------------
@@ -115,14 +148,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (VmRSS)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -163,6 +188,14 @@ class Stack:
     pid: int
     data_dir: Path
     log: Path
+
+    @property
+    def outbox(self) -> Path:
+        return self.data_dir / "outbox.sqlite3"
+
+    @property
+    def watch(self) -> Watch:
+        return Watch(self.pid, self.outbox)
 
     def log_problems(self) -> dict[str, int]:
         text = self.log.read_text(errors="replace")
@@ -230,9 +263,11 @@ def stack(opts: Options, workdir: Path) -> Iterator[Stack]:
 # -- the clients ---------------------------------------------------------------------
 
 
-async def exchange(http: httpx.AsyncClient, ex: Exchange) -> None:
-    body = {"model": MODEL, "stream": True, "max_tokens": 32,
-            "messages": [{"role": "user", "content": ex.text}]}
+async def exchange(http: httpx.AsyncClient, ex: Exchange, write: bool = True) -> None:
+    body: dict[str, Any] = {"model": MODEL, "stream": True, "max_tokens": 32,
+                            "messages": [{"role": "user", "content": ex.text}]}
+    if not write:
+        body["memory"] = {"write": False}
     headers = {"x-memcube-user": ex.user, "x-memcube-session": f"load-{ex.client}"}
     parts: list[str] = []
     try:
@@ -273,7 +308,7 @@ async def exchange(http: httpx.AsyncClient, ex: Exchange) -> None:
 
 
 async def client(http: httpx.AsyncClient, index: int, users: list[str], until: float,
-                 run: Run, rng: random.Random) -> None:
+                 run: Run, rng: random.Random, write: bool) -> None:
     user = users[index % len(users)]
     turn = 0
     while time.monotonic() < until:
@@ -282,13 +317,13 @@ async def client(http: httpx.AsyncClient, index: int, users: list[str], until: f
                 f"{rng.choice(PLACES)}.")
         ex = Exchange(client=index, user=user, text=text, started=time.monotonic())
         run.exchanges.append(ex)
-        await exchange(http, ex)
+        await exchange(http, ex, write)
         turn += 1
 
 
-async def drive(url: str, opts: Options, pid: int | None = None) -> Run:
-    """The clients, for ``opts.warmup`` then ``opts.duration`` seconds; ``pid``: the
-    proxy, whose memory and CPU are sampled."""
+async def drive(url: str, opts: Options, watch: Watch | None = None) -> Run:
+    """The clients, for ``opts.warmup`` then ``opts.duration`` seconds, with a progress
+    line every ``opts.progress`` seconds; ``watch``: the proxy to sample."""
     run = Run()
     users = list(USERS[:opts.users])
     rng = random.Random(opts.seed)
@@ -307,43 +342,50 @@ async def drive(url: str, opts: Options, pid: int | None = None) -> Run:
         run.warm_end = run.started + opts.warmup
         until = run.warm_end + opts.duration
         tasks = [asyncio.create_task(client(pools[i // size], i, users, until, run,
-                                            random.Random(rng.random())))
+                                            random.Random(rng.random()), opts.write))
                  for i in range(opts.clients)]
-        warm = opts.warmup <= 0
-        cpu0 = cpu_seconds(pid) if pid and warm else 0.0
-        client_cpu0 = own_cpu_seconds()
-        if warm and pid:
-            run.rss_after_warmup = rss_bytes(pid)
+        proxy_cpu0 = client_cpu0 = 0.0
+        warm = False
         last_count, last_at = 0, run.started
-        while (now := time.monotonic()) < until:
-            next_tick = min(now + opts.progress, until)
-            if not warm:
-                next_tick = min(next_tick, run.warm_end)
-            await asyncio.sleep(max(0.0, next_tick - now))
+        while True:
             now = time.monotonic()
             if not warm and now >= run.warm_end:
                 warm = True
                 client_cpu0 = own_cpu_seconds()
-                if pid:
-                    cpu0 = cpu_seconds(pid)
-                    run.rss_after_warmup = rss_bytes(pid)
-            finished = [e for e in run.exchanges if e.total is not None]
-            rss = rss_bytes(pid) if pid else 0
-            if pid and warm:
-                run.rss_samples.append(rss)
-            rate = (len(finished) - last_count) / max(now - last_at, 1e-9)
-            last_count, last_at = len(finished), now
-            errors = sum(e.error is not None for e in finished)
-            phase = "run" if warm else "warm-up"
-            log(f"{phase} {now - run.started:5.1f}s: {len(finished)} done, {rate:.0f} req/s, "
-                f"{errors} errors, proxy rss {rss / 2**20:.0f} MiB")
+                if watch:
+                    proxy_cpu0 = watch.cpu()
+                    run.after_warmup = watch.sample()
+            if now >= until:
+                break
+            next_tick = min(now + opts.progress, until if warm else run.warm_end)
+            await asyncio.sleep(max(0.0, next_tick - now))
+            last_count, last_at = progress(run, watch, warm, last_count, last_at)
         await asyncio.gather(*tasks)
         run.ended = time.monotonic()
         run.client_cpu = own_cpu_seconds() - client_cpu0
-        if pid:
-            run.proxy_cpu = cpu_seconds(pid) - cpu0
-            run.rss_end = rss_bytes(pid)
+        if watch:
+            run.proxy_cpu = watch.cpu() - proxy_cpu0
+            run.end = watch.sample()
     return run
+
+
+def progress(run: Run, watch: Watch | None, warm: bool, last_count: int,
+             last_at: float) -> tuple[int, float]:
+    """One progress line (and, after the warm-up, one sample); returns the count and
+    time the next line's rate starts from."""
+    now = time.monotonic()
+    finished = [e for e in run.exchanges if e.total is not None]
+    rate = (len(finished) - last_count) / max(now - last_at, 1e-9)
+    errors = sum(e.error is not None for e in finished)
+    line = (f"{'run' if warm else 'warm-up'} {now - run.started:5.1f}s: {len(finished)} done, "
+            f"{rate:.0f} req/s, {errors} errors")
+    if watch:
+        sample = watch.sample()
+        if warm:
+            run.samples.append(sample)
+        line += f", proxy rss {sample.rss / 2**20:.0f} MiB, outbox {sample.pending}"
+    log(line)
+    return len(finished), now
 
 
 # -- after the run -------------------------------------------------------------------
@@ -374,9 +416,9 @@ def list_memories(url: str) -> list[dict[str, Any]]:
             params["after"] = body["next_after"]
 
 
-def outbox_state(data_dir: Path) -> dict[str, int]:
-    """Exchanges still waiting in the outbox and dead letters, read without writing."""
-    db = sqlite3.connect(f"file:{data_dir / 'outbox.sqlite3'}?mode=ro", uri=True)
+def outbox_state(path: Path) -> dict[str, int]:
+    """Exchanges still waiting in the outbox file and dead letters, read without writing."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         pending = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
         dead = db.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
@@ -385,12 +427,14 @@ def outbox_state(data_dir: Path) -> dict[str, int]:
     return {"pending": int(pending), "dead": int(dead)}
 
 
-def check_stored(exchanges: list[Exchange], items: list[dict[str, Any]]) -> dict[str, int]:
+def check_stored(exchanges: list[Exchange], items: list[dict[str, Any]],
+                 write: bool = True) -> dict[str, int]:
     """How the stored memories match the exchanges: every acknowledged one exactly once
-    (``missing``, ``duplicated`` 0), nothing that was never sent (``unexpected`` 0)."""
+    (``missing``, ``duplicated`` 0), nothing that was never sent (``unexpected`` 0).
+    Without ``write`` nothing is expected, and anything stored is unexpected."""
     stored = Counter((i["user"], i["text"]) for i in items)
-    sent = {(e.user, e.text) for e in exchanges}
-    acked = [(e.user, e.text) for e in exchanges if e.acked]
+    sent = {(e.user, e.text) for e in exchanges} if write else set()
+    acked = [(e.user, e.text) for e in exchanges if e.acked and write]
     return {"expected": len(acked), "stored": len(items),
             "missing": sum(stored[k] == 0 for k in acked),
             "duplicated": sum(n > 1 for n in stored.values()),
@@ -409,16 +453,27 @@ def mib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**20, 1)
 
 
+def memory_figures(run: Run) -> dict[str, float | None]:
+    """Resident memory after the warm-up and at the end; growth split into anonymous
+    memory (the heap: where a leak would show) and file-backed pages (the store's
+    memory-mapped files, which grow with the memories written)."""
+    first, last = run.after_warmup, run.end
+    if first is None or last is None:
+        return {}
+    return {"after_warmup": mib(first.rss), "end": mib(last.rss),
+            "growth": mib(last.rss - first.rss), "anon_growth": mib(last.anon - first.anon),
+            "file_growth": mib(last.file - first.file),
+            "max": mib(max(x.rss for x in [*run.samples, last]))}
+
+
 def summarize(run: Run, opts: Options) -> dict[str, Any]:
     measured = [e for e in run.exchanges if e.started >= run.warm_end]
     ok = [e for e in measured if e.acked]
     window = max([e.started + (e.total or 0.0) for e in measured], default=run.warm_end) - run.warm_end
     failed = [e for e in run.exchanges if not e.acked]
-    growth = (None if run.rss_end is None or run.rss_after_warmup is None
-              else run.rss_end - run.rss_after_warmup)
     return {
         "bench": "load", "clients": opts.clients, "duration_s": opts.duration,
-        "warmup_s": opts.warmup, "users": opts.users, "upstream_chunks": opts.chunks,
+        "warmup_s": opts.warmup, "users": opts.users, "write": opts.write, "upstream_chunks": opts.chunks,
         "upstream_chunk_delay_ms": opts.chunk_delay * 1000, "cpus": os.cpu_count(),
         "requests_total": len(run.exchanges),
         "requests": len(measured),
@@ -430,10 +485,9 @@ def summarize(run: Run, opts: Options) -> dict[str, Any]:
                                 key=lambda kv: -kv[1])[:5],
         "completed_with_done": sum(e.done for e in run.exchanges),
         "with_memories_injected": sum(bool(e.memory_ids) for e in measured),
-        "rss_mib": {"after_warmup": mib(run.rss_after_warmup), "end": mib(run.rss_end),
-                    "growth": mib(growth),
-                    "max": mib(max(run.rss_samples)) if run.rss_samples else None},
-        "rss_samples_mib": [mib(s) for s in run.rss_samples],
+        "rss_mib": memory_figures(run),
+        "rss_samples_mib": [mib(x.rss) for x in run.samples],
+        "outbox_pending_samples": [x.pending for x in run.samples],
         "proxy_cpu_ms_per_req": round(run.proxy_cpu * 1000 / len(ok), 3) if ok else None,
         "client_cpu_ms_per_req": round(run.client_cpu * 1000 / len(ok), 3) if ok else None,
     }
@@ -444,13 +498,13 @@ async def bench(opts: Options, workdir: Path) -> dict[str, Any]:
     with stack(opts, workdir) as s:
         log(f"proxy {s.url} (pid {s.pid}), {opts.clients} clients, {opts.warmup:g}s warm-up "
             f"+ {opts.duration:g}s")
-        run = await drive(s.url, opts, s.pid)
+        run = await drive(s.url, opts, s.watch)
         figures = summarize(run, opts)
         log(f"{figures['requests_total']} requests, {figures['errors']} errors; flushing")
         figures["flush_s"] = round(flush(s.url), 3)
-        figures["rss_mib"]["after_flush"] = mib(rss_bytes(s.pid))
-        figures["outbox"] = outbox_state(s.data_dir)
-        figures["memories"] = check_stored(run.exchanges, list_memories(s.url))
+        figures["rss_mib"]["after_flush"] = mib(s.watch.sample().rss)
+        figures["outbox"] = outbox_state(s.outbox)
+        figures["memories"] = check_stored(run.exchanges, list_memories(s.url), opts.write)
         figures["proxy_log"] = s.log_problems()
     figures["loadavg_before"] = [round(x, 2) for x in load_before]
     return figures
@@ -473,6 +527,9 @@ def main() -> None:
                         help="per request, seconds")
     parser.add_argument("--progress", type=float, default=defaults.progress,
                         help="seconds between progress lines")
+    parser.add_argument("--no-write", dest="write", action="store_false",
+                        help="requests ask for no write-back (memory.write=false): recall only, "
+                        "so memory growth is the request path's alone")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (data, config, proxy log)")
     args = parser.parse_args()
@@ -480,7 +537,7 @@ def main() -> None:
         parser.error(f"--users must be 1 to {len(USERS)}")
     opts = Options(clients=args.clients, duration=args.duration, warmup=args.warmup,
                    users=args.users, chunks=args.chunks, chunk_delay=args.chunk_delay,
-                   timeout=args.timeout, progress=args.progress)
+                   timeout=args.timeout, progress=args.progress, write=args.write)
     workdir = Path(tempfile.mkdtemp(prefix="memcube-load-"))
     try:
         figures = asyncio.run(bench(opts, workdir))
