@@ -346,7 +346,7 @@ async def drive(url: str, opts: Options, watch: Watch | None = None) -> Run:
                  for i in range(opts.clients)]
         proxy_cpu0 = client_cpu0 = 0.0
         warm = False
-        last_count, last_at = 0, run.started
+        last = Tick(at=run.started, proxy_cpu=watch.cpu() if watch else 0.0)
         while True:
             now = time.monotonic()
             if not warm and now >= run.warm_end:
@@ -359,7 +359,7 @@ async def drive(url: str, opts: Options, watch: Watch | None = None) -> Run:
                 break
             next_tick = min(now + opts.progress, until if warm else run.warm_end)
             await asyncio.sleep(max(0.0, next_tick - now))
-            last_count, last_at = progress(run, watch, warm, last_count, last_at)
+            last = progress(run, watch, warm, last)
         await asyncio.gather(*tasks)
         run.ended = time.monotonic()
         run.client_cpu = own_cpu_seconds() - client_cpu0
@@ -369,23 +369,35 @@ async def drive(url: str, opts: Options, watch: Watch | None = None) -> Run:
     return run
 
 
-def progress(run: Run, watch: Watch | None, warm: bool, last_count: int,
-             last_at: float) -> tuple[int, float]:
-    """One progress line (and, after the warm-up, one sample); returns the count and
-    time the next line's rate starts from."""
+@dataclass
+class Tick:
+    """Where the previous progress line left off, for the rates of the next."""
+
+    at: float
+    done: int = 0
+    proxy_cpu: float = 0.0
+
+
+def progress(run: Run, watch: Watch | None, warm: bool, last: Tick) -> Tick:
+    """One progress line (and, after the warm-up, one sample)."""
     now = time.monotonic()
     finished = [e for e in run.exchanges if e.total is not None]
-    rate = (len(finished) - last_count) / max(now - last_at, 1e-9)
+    span = max(now - last.at, 1e-9)
+    rate = (len(finished) - last.done) / span
     errors = sum(e.error is not None for e in finished)
     line = (f"{'run' if warm else 'warm-up'} {now - run.started:5.1f}s: {len(finished)} done, "
             f"{rate:.0f} req/s, {errors} errors")
+    cpu = 0.0
     if watch:
-        sample = watch.sample()
+        sample, cpu = watch.sample(), watch.cpu()
         if warm:
             run.samples.append(sample)
-        line += f", proxy rss {sample.rss / 2**20:.0f} MiB, outbox {sample.pending}"
+        # The proxy's CPU beside the machine's load: a stall with the proxy idle and
+        # the machine busy is the machine's; with both idle, the proxy's.
+        line += (f", proxy rss {sample.rss / 2**20:.0f} MiB, cpu {(cpu - last.proxy_cpu) / span:.0%}"
+                 f", outbox {sample.pending}, load {os.getloadavg()[0]:.1f}")
     log(line)
-    return len(finished), now
+    return Tick(at=now, done=len(finished), proxy_cpu=cpu)
 
 
 # -- after the run -------------------------------------------------------------------
