@@ -4,17 +4,20 @@ Starts the fast fake upstream (``proxy.testing.load_upstream``) and the proxy
 (``memcube-proxy serve``) as their own processes, on loopback, with a fresh data
 directory: memory on, the default embedded store (Qdrant Edge) and MiniLM embedder,
 fast extraction, one model ``up`` relayed to the upstream. Then ``--clients`` clients,
-each a loop of streamed chats for a user of ``--users`` (so that write-back and recall
-both happen), run for ``--warmup`` plus ``--duration`` seconds:
+each a loop of streamed chats (httpx) for one of ``--users`` users (so that
+write-back and recall both happen), run for a warm-up (``--warmup`` seconds, and until
+every client has had a reply) and then ``--duration`` seconds:
 
     python bench/load.py [--clients 200] [--duration 60] [--warmup 10]
 
-Figures cover the requests started after the warm-up; errors count over the whole
-run: an exception, a status other than 200, an error frame, a stream without
-``[DONE]`` or a reply that is not the upstream's. The proxy's resident memory is read
-from /proc at the end of the warm-up, every progress tick and at the end. Then a flush
-(``POST /v1/memories/flush``), and every exchange the client saw complete must be
-stored exactly once, with nothing left in the outbox.
+Latency, time to first byte (the first SSE line) and throughput cover the requests
+started after the warm-up; errors count over the whole run: an exception, a status
+other than 200, an error frame, a stream without ``[DONE]`` or a reply that is not
+the upstream's. The proxy's resident memory (anonymous and file-backed apart) and its
+outbox backlog are sampled at the end of the warm-up, every progress line and at the
+end. Then a flush (``POST /v1/memories/flush``), after which every exchange the
+client saw complete must be stored exactly once, and the outbox must be empty.
+``--no-write`` runs recall alone, to tell the request path's memory from the store's.
 
 Progress goes to stderr; one JSON line of figures to stdout. tests/test_load.py runs
 the short form through the same functions.
@@ -100,8 +103,10 @@ class Exchange:
 class Run:
     exchanges: list[Exchange] = field(default_factory=list)
     started: float = 0.0
-    warm_end: float = 0.0
+    warm_end: float = 0.0  # when the warm-up ended: the measured requests start after it
+    until: float = float("inf")  # clients start no request after this
     ended: float = 0.0
+    answered: set[int] = field(default_factory=set)  # clients with an exchange finished
     after_warmup: Sample | None = None
     end: Sample | None = None
     samples: list[Sample] = field(default_factory=list)  # every progress tick after warm-up
@@ -258,6 +263,8 @@ def stack(opts: Options, workdir: Path) -> Iterator[Stack]:
         if out is not None:
             out.close()
         stop(upstream)
+        if upstream.stdout is not None:
+            upstream.stdout.close()
 
 
 # -- the clients ---------------------------------------------------------------------
@@ -307,17 +314,18 @@ async def exchange(http: httpx.AsyncClient, ex: Exchange, write: bool = True) ->
         ex.error = f"reply {''.join(parts)[:200]!r}"
 
 
-async def client(http: httpx.AsyncClient, index: int, users: list[str], until: float,
-                 run: Run, rng: random.Random, write: bool) -> None:
+async def client(http: httpx.AsyncClient, index: int, users: list[str], run: Run,
+                 rng: random.Random, write: bool) -> None:
     user = users[index % len(users)]
     turn = 0
-    while time.monotonic() < until:
+    while time.monotonic() < run.until:
         # Unique per exchange, so that each is one memory and none is a duplicate.
         text = (f"Load client {index} turn {turn}: I keep the {rng.choice(THINGS)} "
                 f"{rng.choice(PLACES)}.")
         ex = Exchange(client=index, user=user, text=text, started=time.monotonic())
         run.exchanges.append(ex)
         await exchange(http, ex, write)
+        run.answered.add(index)
         turn += 1
 
 
@@ -340,26 +348,27 @@ async def drive(url: str, opts: Options, watch: Watch | None = None) -> Run:
             await closing.enter_async_context(pool)
         run.started = time.monotonic()
         run.warm_end = run.started + opts.warmup
-        until = run.warm_end + opts.duration
-        tasks = [asyncio.create_task(client(pools[i // size], i, users, until, run,
+        tasks = [asyncio.create_task(client(pools[i // size], i, users, run,
                                             random.Random(rng.random()), opts.write))
                  for i in range(opts.clients)]
-        proxy_cpu0 = client_cpu0 = 0.0
-        warm = False
         last = Tick(at=run.started, proxy_cpu=watch.cpu() if watch else 0.0)
-        while True:
-            now = time.monotonic()
-            if not warm and now >= run.warm_end:
-                warm = True
-                client_cpu0 = own_cpu_seconds()
-                if watch:
-                    proxy_cpu0 = watch.cpu()
-                    run.after_warmup = watch.sample()
-            if now >= until:
-                break
-            next_tick = min(now + opts.progress, until if warm else run.warm_end)
-            await asyncio.sleep(max(0.0, next_tick - now))
-            last = progress(run, watch, warm, last)
+        # The warm-up lasts its time and until every client has had a reply, so that on
+        # a slow machine the figures after it do not include the proxy's first requests
+        # (tokenizer and embedder loaded, pools filled: tens of MiB).
+        while not (time.monotonic() >= run.warm_end and len(run.answered) == opts.clients
+                   or all(t.done() for t in tasks)):
+            await asyncio.sleep(0.05)
+            if time.monotonic() >= last.at + opts.progress:
+                last = progress(run, watch, False, last)
+        run.warm_end = time.monotonic()
+        run.until = run.warm_end + opts.duration
+        client_cpu0 = own_cpu_seconds()
+        proxy_cpu0 = watch.cpu() if watch else 0.0
+        if watch:
+            run.after_warmup = watch.sample()
+        while (now := time.monotonic()) < run.until:
+            await asyncio.sleep(max(0.0, min(last.at + opts.progress, run.until) - now))
+            last = progress(run, watch, True, last)
         await asyncio.gather(*tasks)
         run.ended = time.monotonic()
         run.client_cpu = own_cpu_seconds() - client_cpu0
