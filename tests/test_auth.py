@@ -227,3 +227,15 @@ def test_tenant_added_through_the_api_works_at_once_and_after_restart(
         assert r.json() == {"object": "tenant.deleted", "id": "initech", "deleted": True}
         assert httpx.get(f"{base}/models", headers=initech).status_code == 401
         assert httpx.get(f"{base}/tenants/initech", headers=ADMIN).status_code == 404
+
+
+def test_keys_never_reach_the_logs(live: Live, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    for key in ("sk-wrong-secret-123", "sk-acme", "sk-admin"):
+        httpx.post(f"{live.base_url}/chat/completions", json={"model": "up", "messages": MESSAGES},
+                   headers={"authorization": f"Bearer {key}"})
+    httpx.put(f"{live.base_url}/tenants/newco", headers=ADMIN, json={"api_keys": ["sk-newco-77"]})
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "tenant newco set" in logged  # the log was captured at all
+    for secret in ("sk-wrong-secret-123", "sk-acme", "sk-admin", "sk-newco-77"):
+        assert secret not in logged
