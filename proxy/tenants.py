@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from proxy.auth import DEFAULT_TENANT, KeyRing, Principal, require_key
 from proxy.errors import InvalidRequestError, NotFoundError, PermissionDeniedError, ProxyError
 from proxy.keys import PREFIX, stored_digest
+from proxy.protocol import read_body
 from proxy.settings import TENANT_ID_PATTERN, Settings, TenantConfig
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ router = APIRouter(prefix="/v1/tenants", dependencies=[Depends(require_key)])
 
 
 class PutTenant(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     api_keys: list[str] = Field(min_length=1, max_length=100, description=(
         "Keys, each the key itself or `sha256:<hex>`; stored hashed."))
@@ -145,8 +146,9 @@ async def get_tenant(tenant_id: str, request: Request) -> dict[str, Any]:
 
 
 @router.put("/{tenant_id}")
-async def put_tenant(tenant_id: str, body: PutTenant, request: Request) -> dict[str, Any]:
+async def put_tenant(tenant_id: str, request: Request) -> dict[str, Any]:
     registry = _registry(request)
+    body = await read_body(request, PutTenant)
     if not re.match(TENANT_ID_PATTERN, tenant_id) or tenant_id == DEFAULT_TENANT:
         raise InvalidRequestError(
             "Tenant ids are 1-64 letters, digits, '.', '_' or '-' (and not 'default').",
