@@ -15,6 +15,10 @@ and saved (``miss``). The context is cleared before each such request and whenev
 the tenant changes, so llama-cpp-python's own reuse of the longest matching token
 prefix never crosses a tenant boundary; saved states are keyed by model file,
 tenant, blocks and tokens.
+
+Message contents are tokenized as plain text, never parsed for control tokens: only
+the chat template's own text is. A memory (or a user) writing ``<|im_start|>system``
+gets those characters, not a system turn.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import ctypes
 import importlib.util
 import logging
 import os
+import re
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -47,6 +53,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _END = object()
 _READY = object()
 _PLANS_KEPT = 256  # prefixes whose tokens are remembered
+#: A rendered prompt in pieces: (text, whether its control tokens are parsed).
+Pieces = list[tuple[str, bool]]
 
 # Sampling fields of the OpenAI schema (and llama.cpp server's extras) the local model honours.
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
@@ -312,14 +320,12 @@ class LlamaCppBackend(ChatBackend):
                 param="response_format",
             )
         messages = [_plain_message(m, i) for i, m in enumerate(body["messages"])]
-        formatted = self._formatter(messages=messages)
+        pieces, head, formatted = self._render(messages)
         add_bos = not formatted.added_special
-        tokens: list[int] = self._llm.tokenize(
-            formatted.prompt.encode("utf-8"), add_bos=add_bos, special=True
-        )
+        tokens = self._tokenize(pieces, add_bos)
         plan = None
         if ctx is not None and ctx.prefix is not None and self.states is not None:
-            plan = self._plan(ctx.prefix, messages, formatted.prompt, tokens, add_bos,
+            plan = self._plan(ctx.prefix, messages, pieces[:head], tokens, add_bos,
                               self._adapter_ident(ctx.adapter))
         room = self.n_ctx - len(tokens)
         if room <= 0:
@@ -352,24 +358,60 @@ class LlamaCppBackend(ChatBackend):
                 ) from None
         return tokens, kwargs, plan
 
-    def _plan(self, prefix: Prefix, messages: list[dict[str, str]], prompt: str,
+    def _render(self, messages: list[dict[str, str]]) -> tuple[Pieces, int, Any]:
+        """The chat in the model's template, in pieces: the template's own text, whose
+        control tokens are meant, and each message's content, which is only text; how
+        many pieces end with the first message's content (0: unknown); the formatter's
+        result (stop strings, BOS).
+
+        The template is rendered with a stand-in for each content, so no content can
+        pass for template text however it is written."""
+        tag = secrets.token_hex(8)
+        stand_ins = [{**m, "content": f"\ue000{tag}:{i}\ue001"} for i, m in enumerate(messages)]
+        formatted = self._formatter(messages=stand_ins)
+        parts = re.split(f"\ue000{tag}:(\\d+)\ue001", formatted.prompt)
+        if sorted(int(i) for i in parts[1::2]) != list(range(len(messages))):
+            # The template dropped or altered a content: take its text as rendered, as
+            # llama.cpp's server does (memories are neutralised when injected anyway).
+            log.debug("chat template does not show contents verbatim; tokenizing it whole")
+            formatted = self._formatter(messages=messages)
+            return [(formatted.prompt, True)], 0, formatted
+        pieces: Pieces = []
+        head = 0
+        for n, part in enumerate(parts):
+            if n % 2 == 0:
+                pieces.append((part, True))
+                continue
+            pieces.append((messages[int(part)]["content"], False))
+            if part == "0":
+                head = len(pieces)
+        return pieces, head, formatted
+
+    def _tokenize(self, pieces: Pieces, add_bos: bool) -> list[int]:
+        tokens: list[int] = []
+        for text, special in pieces:
+            if text:
+                tokens += self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos and not tokens,
+                                             special=special)
+        if add_bos and not tokens:
+            tokens = self._llm.tokenize(b"", add_bos=True, special=False)
+        return tokens
+
+    def _plan(self, prefix: Prefix, messages: list[dict[str, str]], head_pieces: Pieces,
               tokens: list[int], add_bos: bool, adapter: str | None) -> PrefixPlan | None:
         """The prefix's tokens: the prompt up to the end of the first message's content
-        (the activation blocks), if they are also the start of the prompt's tokens.
+        (the activation blocks, ``head_pieces``), if they are also the start of the
+        prompt's tokens.
 
         Every request of a user starts with the same prefix, so its tokens and key are
         remembered (tokenizing a 2k-token block took 2.4 ms on the event loop)."""
         content = prefix.content
-        if not messages or messages[0].get("content") != content:
+        if not messages or messages[0].get("content") != content or not head_pieces:
             return None
-        at = prompt.find(content)
-        if at < 0:
-            return None
-        text = prompt[:at + len(content)]
-        cache_key = (text, add_bos, adapter, prefix.tenant, prefix.parts)
+        cache_key = (tuple(head_pieces), add_bos, adapter, prefix.tenant, prefix.parts)
         plan = self._plans.get(cache_key)
         if plan is None:
-            head = self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+            head = self._tokenize(head_pieces, add_bos)
             plan = PrefixPlan(tokens=tuple(head), key=state_key(
                 model=self._model_id, adapter=adapter, prefix=prefix, tokens=head))
             self._plans[cache_key] = plan
@@ -468,14 +510,13 @@ class LlamaCppBackend(ChatBackend):
         if self.states is None or self._llm is None:
             return
         messages = [prefix.message(), {"role": "user", "content": "."}]
-        formatted = self._formatter(messages=messages)
+        pieces, head, formatted = self._render(messages)
         add_bos = not formatted.added_special
-        tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=add_bos,
-                                    special=True)
+        tokens = self._tokenize(pieces, add_bos)
         adapter = self.tenant_adapter(prefix.tenant)
         if adapter is not None and adapter not in self._adapters:
             return
-        plan = self._plan(prefix, messages, formatted.prompt, tokens, add_bos,
+        plan = self._plan(prefix, messages, pieces[:head], tokens, add_bos,
                           self._adapter_ident(adapter))
         if plan is None:
             return
