@@ -552,7 +552,8 @@ def main() -> None:
                         help="requests ask for no write-back (memory.write=false): recall only, "
                         "so memory growth is the request path's alone")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the work directory (data, config, proxy log)")
+                        help="keep the work directory (data, config, proxy log), as a run "
+                        "with errors does")
     args = parser.parse_args()
     if not 1 <= args.users <= len(USERS):
         parser.error(f"--users must be 1 to {len(USERS)}")
@@ -560,10 +561,12 @@ def main() -> None:
                    users=args.users, chunks=args.chunks, chunk_delay=args.chunk_delay,
                    timeout=args.timeout, progress=args.progress, write=args.write)
     workdir = Path(tempfile.mkdtemp(prefix="memcube-load-"))
+    keep = True  # a run that fails leaves its data and the proxy's log to look at
     try:
         figures = asyncio.run(bench(opts, workdir))
+        keep = args.keep or bool(figures["errors"]) or sum(figures["proxy_log"].values()) > 0
     finally:
-        if args.keep:
+        if keep:
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
