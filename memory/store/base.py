@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 from memory.models import Cube, MemoryItem, MemoryStatus
 
+# Not a valid tenant id (settings require a leading letter or digit), so a probe can
+# never read or touch a real tenant's records.
+_PROBE_TENANT = "~probe"
+
 
 class StoreError(Exception):
     """The store cannot serve (unreachable, corrupt, misconfigured)."""
@@ -116,6 +120,13 @@ class MemoryStore(ABC):
 
     @abstractmethod
     def delete_cube(self, tenant: str, cube_id: str) -> bool: ...
+
+    def probe(self) -> None:
+        """Raise unless the store can serve reads and writes now: the write-back worker
+        calls it to tell a store outage from a bad item. This default reads only; stores
+        that can refuse writes alone (a read-only disk, a read-only replica) override it
+        with a small idempotent write."""
+        self.get_cube(_PROBE_TENANT, "probe")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release."""

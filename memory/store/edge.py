@@ -59,6 +59,8 @@ from memory.store.base import Hit, MemoryStore, Scope, StoreError
 log = logging.getLogger(__name__)
 
 _META_ID = stable_id("memcube-store-meta")
+# A payload-only point the probe rewrites: no memory or cube filter can match it.
+_PROBE_ID = stable_id("memcube-store-probe")
 _PAGE = 1024
 
 
@@ -315,6 +317,13 @@ class EdgeStore(MemoryStore):
         return bool(found)
 
     # -- lifecycle -------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """A read and a write through the write-ahead log: a shard whose disk went
+        read-only still answers reads."""
+        with self._lock:
+            self._shard.retrieve([_META_ID], with_payload=False, with_vector=False)
+            self._shard.update(UpdateOperation.upsert_points([Point(_PROBE_ID, {}, {"probe": 1})]))
 
     def optimize(self) -> bool:
         """Build the HNSW index and drop deleted points (done at every open). Edge runs

@@ -12,21 +12,46 @@ writing (the highest stored version of an item wins, see ``_common.stale_current
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import httpx
 from qdrant_client import QdrantClient
 from qdrant_client import models as m
+from qdrant_client.http.exceptions import ResponseHandlingException
 
-from memory.models import Cube, MemoryItem, MemoryStatus
+from memory.models import Cube, MemoryItem, MemoryStatus, stable_id
 from memory.store import _common as c
 from memory.store.base import Hit, MemoryStore, Scope, StoreError
 
 log = logging.getLogger(__name__)
 
 _PAGE = 1024
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The server did not answer at all (refused, reset, timed out), as opposed to
+    answering that something is wrong."""
+    return isinstance(exc, (ResponseHandlingException, httpx.TransportError, ConnectionError,
+                            TimeoutError))
+
+
+def _needs_open(method: Callable[Concatenate[ServerStore, P], T]
+                ) -> Callable[Concatenate[ServerStore, P], T]:
+    @functools.wraps(method)
+    def opened(self: ServerStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        if not self._open:
+            self._connect()
+        return method(self, *args, **kwargs)
+
+    return opened
+_PROBE_ID = stable_id("memcube-store-probe")
 
 
 def _filter(where: c.Where) -> m.Filter:
@@ -42,9 +67,12 @@ def _filter(where: c.Where) -> m.Filter:
 
 class ServerStore(MemoryStore):
     def __init__(self, client: QdrantClient, *, collection: str = "memcube_memories",
-                 embedding_model: str, dim: int, also_accept: Collection[str] = ()) -> None:
+                 embedding_model: str, dim: int, also_accept: Collection[str] = (),
+                 connect_later: bool = False) -> None:
         """``also_accept``: model ids of a store this embedder can serve (its
-        ``same_space``)."""
+        ``same_space``). An unreachable server is a StoreError, unless
+        ``connect_later``: then every call tries again until one gets through (a
+        proxy starting while its server restarts serves without memory meanwhile)."""
         self.client = client
         self.also_accept = also_accept
         self._owns_client = False
@@ -52,23 +80,36 @@ class ServerStore(MemoryStore):
         self.cubes_collection = f"{collection}_cubes"
         self.embedding_model = embedding_model
         self.dim = dim
+        self._open = False
+        self._open_lock = threading.Lock()
         try:
-            self._ensure_collections()
+            self._connect()
         except StoreError:
             raise
         except Exception as exc:
-            raise StoreError(f"cannot open Qdrant collection {collection!r}: {exc}") from exc
+            if not (connect_later and _unreachable(exc)):
+                raise StoreError(f"cannot open Qdrant collection {collection!r}: {exc}") from exc
+            log.warning("Qdrant at %s is unreachable (%s): memory is unavailable until it "
+                        "answers", self._location(), type(exc).__name__)
+
+    def _connect(self) -> None:
+        """Check (or create) the collections, once. A model or dimension mismatch found
+        here is a StoreError, now or on the first call after the server came back."""
+        with self._open_lock:
+            if not self._open:
+                self._ensure_collections()
+                self._open = True
 
     @classmethod
     def from_url(cls, url: str, api_key: str | None = None, *, collection: str = "memcube_memories",
                  embedding_model: str, dim: int, also_accept: Collection[str] = (), timeout: int = 10,
-                 **client_options: Any) -> ServerStore:
+                 connect_later: bool = False, **client_options: Any) -> ServerStore:
         """A store on its own client (closed with the store); ``client_options`` go to
         ``QdrantClient`` (e.g. ``prefer_grpc=True``)."""
         client = QdrantClient(url=url, api_key=api_key, timeout=timeout, **client_options)
         try:
             store = cls(client, collection=collection, embedding_model=embedding_model, dim=dim,
-                        also_accept=also_accept)
+                        also_accept=also_accept, connect_later=connect_later)
         except BaseException:
             client.close()
             raise
@@ -156,6 +197,7 @@ class ServerStore(MemoryStore):
 
     # -- memory items ------------------------------------------------------------
 
+    @_needs_open
     def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]]) -> None:
         if len(items) != len(vectors):
             raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
@@ -180,17 +222,20 @@ class ServerStore(MemoryStore):
                                        ["id", "version"])
                 self._unflag(tenant, c.stale_currents(flagged))
 
+    @_needs_open
     def get(self, tenant: str, memory_id: str) -> MemoryItem | None:
         records, _ = self.client.scroll(
             self.collection, limit=1, with_payload=True, with_vectors=False,
             scroll_filter=_filter(c.tenant_where(tenant, c.Match("id", memory_id), current=True)))
         return c.payload_item(records[0].payload or {}) if records else None
 
+    @_needs_open
     def history(self, tenant: str, memory_id: str) -> list[MemoryItem]:
         where = c.tenant_where(tenant, c.Match("id", memory_id))
         return sorted((c.payload_item(p) for _, p in self._scroll(self.collection, where)),
                       key=lambda i: i.version)
 
+    @_needs_open
     def list_items(self, tenant: str, *, user: str | None = None, cube_id: str | None = None,
                    status: MemoryStatus | None = None, limit: int = 100,
                    cursor: str | None = None) -> tuple[list[MemoryItem], str | None]:
@@ -203,6 +248,7 @@ class ServerStore(MemoryStore):
         page = [c.payload_item(r.payload or {}) for r in records]
         return page, (c.encode_cursor(str(nxt)) if nxt is not None else None)
 
+    @_needs_open
     def block_candidates(self, tenant: str, cube_id: str, limit: int) -> list[MemoryItem]:
         pinned, _ = self.client.scroll(
             self.collection, scroll_filter=_filter(c.pinned_where(tenant, cube_id)), limit=limit,
@@ -213,6 +259,7 @@ class ServerStore(MemoryStore):
             order_by=m.OrderBy(key=c.ACCESS_FIELD, direction=m.Direction.DESC))
         return c.unique_items([r.payload or {} for r in [*pinned, *hot]])
 
+    @_needs_open
     def search_dense(self, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:
         where = c.scope_where(scope)
         if where is None or limit < 1:
@@ -221,6 +268,7 @@ class ServerStore(MemoryStore):
             self.collection, query=c.check_vector(vector, self.dim), using=c.DENSE,
             query_filter=_filter(where), limit=limit, with_payload=True, with_vectors=False).points)
 
+    @_needs_open
     def search_sparse(self, scope: Scope, text: str, limit: int) -> list[Hit]:
         where = c.scope_where(scope)
         indices, values = c.sparse_query(text)
@@ -232,6 +280,7 @@ class ServerStore(MemoryStore):
             query_filter=_filter(where), search_params=params, limit=limit,
             with_payload=True, with_vectors=False).points)
 
+    @_needs_open
     def existing_texts(self, tenant: str, cube_id: str, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in c.chunks(sorted(set(keys))):
@@ -239,10 +288,12 @@ class ServerStore(MemoryStore):
                 self.collection, c.texts_where(tenant, cube_id, chunk), [c.TEXT_KEY_FIELD]))
         return found
 
+    @_needs_open
     def count(self, tenant: str, *, cube_id: str | None = None) -> int:
         where = c.list_where(tenant, None, cube_id, None)
         return int(self.client.count(self.collection, count_filter=_filter(where), exact=True).count)
 
+    @_needs_open
     def touch(self, tenant: str, memory_ids: Sequence[str], at: int) -> None:
         times = Counter(memory_ids)
         for chunk in c.chunks(sorted(times)):
@@ -251,12 +302,14 @@ class ServerStore(MemoryStore):
                 self.client.set_payload(self.collection, c.touched(payload, times[payload["id"]], at),
                                         points=_filter(c.tenant_where(tenant, c.HasIds((point_id,)))))
 
+    @_needs_open
     def purge_user(self, tenant: str, user: str) -> int:
         where = c.tenant_where(tenant, c.Match("user", user))
         ids = sorted({p["id"] for _, p in self._scroll(self.collection, where, ["id"])})
         self._erase(tenant, ids)
         return len(ids)
 
+    @_needs_open
     def delete_cube_items(self, tenant: str, cube_id: str) -> int:
         where = c.tenant_where(tenant, c.Match("cube_id", cube_id), current=True)
         ids = sorted({p["id"] for _, p in self._scroll(self.collection, where, ["id"])})
@@ -265,20 +318,24 @@ class ServerStore(MemoryStore):
 
     # -- cubes ---------------------------------------------------------------------
 
+    @_needs_open
     def put_cube(self, cube: Cube) -> None:
         self.client.upsert(self.cubes_collection, [m.PointStruct(
             id=c.cube_point_id(cube.tenant, cube.id), vector={}, payload=c.cube_payload(cube))], wait=True)
 
+    @_needs_open
     def get_cube(self, tenant: str, cube_id: str) -> Cube | None:
         # The record's id is made from the tenant: another tenant's cube is unreachable.
         found = self.client.retrieve(self.cubes_collection, [c.cube_point_id(tenant, cube_id)],
                                      with_payload=True, with_vectors=False)
         return c.payload_cube(found[0].payload or {}) if found else None
 
+    @_needs_open
     def list_cubes(self, tenant: str) -> list[Cube]:
         records = self._scroll(self.cubes_collection, c.cube_where(tenant))
         return sorted((c.payload_cube(p) for _, p in records), key=lambda cube: cube.id)
 
+    @_needs_open
     def delete_cube(self, tenant: str, cube_id: str) -> bool:
         point_id = c.cube_point_id(tenant, cube_id)
         if not self.client.retrieve(self.cubes_collection, [point_id],
@@ -287,6 +344,14 @@ class ServerStore(MemoryStore):
         self.client.delete(self.cubes_collection, points_selector=m.PointIdsList(points=[point_id]),
                            wait=True)
         return True
+
+    @_needs_open
+    def probe(self) -> None:
+        """A read and a write: a server can refuse writes alone (its disk full, a
+        read-only replica). The write is a payload-only point among the cubes that no
+        cube filter matches."""
+        self.client.upsert(self.cubes_collection, [m.PointStruct(
+            id=_PROBE_ID, vector={}, payload={"probe": 1})], wait=True)
 
     def close(self) -> None:
         # Writes wait for the server's acknowledgement: nothing is left to flush.
