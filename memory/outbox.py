@@ -27,10 +27,17 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from memory.errors import MemoryUnavailable
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[list["Exchange"]], Awaitable[None]]
 Backoff = Callable[[int], float]
+#: Raises when the handler's destination (the store) cannot take writes now.
+Probe = Callable[[], Awaitable[None]]
+
+#: Longest wait between two probes of a destination that is down, in seconds.
+OUTAGE_PROBE_MAX_S = 10.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -139,7 +146,24 @@ class Outbox:
         self._db.executescript(_SCHEMA)
         self._closed = False
         self._last_seq = self._stored_last_seq()
+        self._unlimited_pages = int(self._db.execute("PRAGMA max_page_count").fetchone()[0])
+        #: False from a failed append (a full disk) until one succeeds again: callers
+        #: that must answer before they append (a stream's headers) read it.
+        self.writable = True
         _fsync_dir(self.path.parent)  # the -wal file's directory entry must survive too
+
+    def limit_size(self, max_bytes: int | None) -> None:
+        """Refuse appends that would grow the file past ``max_bytes`` (None: no limit).
+
+        Appends past it fail with SQLite's own "database or disk is full", as on a full
+        disk, so this is also how tests provoke one. The file never shrinks below what
+        it holds: a limit under its size refuses every append that needs a new page.
+        """
+        with self._lock:
+            self._check_open()
+            page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            pages = self._unlimited_pages if max_bytes is None else max(1, max_bytes // page)
+            self._db.execute(f"PRAGMA max_page_count = {int(pages)}")
 
     # -- appending --------------------------------------------------------------------
 
@@ -180,9 +204,13 @@ class Outbox:
                 p.seq = row[0]
             self._db.execute("COMMIT")
             self._last_seq = max([self._last_seq, *(p.seq for p in group)])
+            self.writable = True
         except BaseException as exc:
+            # SQLite rolls back by itself on a full disk; otherwise we do.
             with suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
+            if isinstance(exc, (sqlite3.Error, OSError)):
+                self.writable = False
             # Every row in the group shares the failed transaction, so every caller hears of it.
             for p in group:
                 p.error = exc
@@ -356,15 +384,28 @@ class WriteBackWorker:
     an exchange failing ``max_attempts`` times goes to the dead table. An exchange that
     has failed alone stays a suspect and is only ever handled alone afterwards, so it
     cannot sink a fresh batch on each retry.
+
+    A failure is only held against an exchange when ``probe`` says the destination is
+    fine. When the probe fails too, the destination is down (an outage, not a bad
+    exchange): nothing is counted, the worker stops taking batches, and probes again
+    with growing pauses (up to ``OUTAGE_PROBE_MAX_S``; at once when a flush asks)
+    until the destination answers, then carries on where it stopped. Without a
+    probe, a :class:`MemoryUnavailable` from the handler counts as an outage.
     """
 
     def __init__(self, outbox: Outbox, handle: Handler, *, batch_size: int = 64,
-                 max_attempts: int = 5, backoff: Backoff = exponential_backoff) -> None:
+                 max_attempts: int = 5, backoff: Backoff = exponential_backoff,
+                 probe: Probe | None = None) -> None:
         self.outbox = outbox
         self.handle = handle
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.backoff = backoff
+        self.probe = probe
+        #: True while the destination is down and write-back waits for it.
+        self.outage = False
+        self._failed_probes = 0  # ever: a flush compares it with what it saw at its start
+        self._probe_now: asyncio.Event | None = None
         # Loop-bound primitives are made in start(), on the loop that will use them.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -385,6 +426,7 @@ class WriteBackWorker:
             return
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._probe_now = asyncio.Event()
         self._progress = asyncio.Condition()
         self._stopping = False
         self._low_water = None
@@ -400,6 +442,7 @@ class WriteBackWorker:
             return
         self._stopping = True
         self.notify()
+        self._probe_soon()
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
@@ -426,27 +469,44 @@ class WriteBackWorker:
             with suppress(RuntimeError):  # the loop closed under us: nothing left to wake
                 loop.call_soon_threadsafe(wake.set)
 
+    def _probe_soon(self) -> None:
+        """End an outage's pause now (a flush wants an answer). On the worker's loop."""
+        if self._probe_now is not None:
+            self._probe_now.set()
+
     async def flush(self, timeout: float | None = None) -> None:
         """Return once every exchange appended before this call is acked or dead.
 
         Appends made while waiting do not hold it up: it waits on the seq watermark
         taken when the coroutine starts, not on the outbox being empty. Raises
-        ``TimeoutError`` past ``timeout`` and ``RuntimeError`` if the worker is not
-        running or stops first.
+        ``TimeoutError`` past ``timeout``, ``RuntimeError`` if the worker is not
+        running or stops first, and :class:`MemoryUnavailable` when the destination is
+        down (a probe made after this call failed): waiting for it could take hours.
         """
         target = self.outbox.last_seq()
         if not self.running or self._progress is None:
             raise RuntimeError("the write-back worker is not running")
         progress = self._progress
+        failed_before = self._failed_probes
         self.notify()
+        self._probe_soon()
 
         def reached() -> bool:
             return self._low_water is not None and self._low_water > target
 
+        def down() -> bool:
+            return self._failed_probes > failed_before
+
         async with asyncio.timeout(timeout), progress:
-            await progress.wait_for(lambda: reached() or not self.running)
-        if not reached():
-            raise RuntimeError("the write-back worker stopped before the flush completed")
+            await progress.wait_for(lambda: reached() or down() or not self.running)
+        if reached():
+            return
+        if down():
+            pending = await asyncio.to_thread(self.outbox.pending_count)
+            raise MemoryUnavailable(
+                f"The memory store is unavailable: {pending} exchanges wait in the outbox "
+                "and will be written back when it returns; try the flush again later.")
+        raise RuntimeError("the write-back worker stopped before the flush completed")
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -464,6 +524,10 @@ class WriteBackWorker:
                 await self._measure()
                 wait = None if batch else await asyncio.to_thread(self.outbox.next_due_in)
                 failures = 0
+            except _DestinationDown:
+                await self._measure_quietly()
+                await self._wait_out_outage()
+                continue
             except Exception:
                 # The outbox itself failed (disk, closed): back off rather than spin.
                 failures += 1
@@ -491,6 +555,7 @@ class WriteBackWorker:
         try:
             await self.handle([exchange for _, exchange in run])
         except Exception as exc:
+            await self._check_destination(exc)
             if len(run) == 1:
                 await self._failed(*run[0], exc)
                 return
@@ -502,12 +567,65 @@ class WriteBackWorker:
                 try:
                     await self.handle([exchange])
                 except Exception as item_exc:
+                    await self._check_destination(item_exc)
                     await self._failed(seq, exchange, item_exc)
                 else:
                     await asyncio.to_thread(self.outbox.ack, [seq])
             return
         await asyncio.to_thread(self.outbox.ack, [seq for seq, _ in run])
         self._suspects.difference_update(seq for seq, _ in run)
+
+    async def _check_destination(self, exc: Exception) -> None:
+        """Raise :class:`_DestinationDown` when the failure is the destination's, so that
+        it is not counted against the exchange."""
+        if self.probe is None:
+            if isinstance(exc, MemoryUnavailable):
+                self._failed_probes += 1
+                raise _DestinationDown from exc
+            return
+        try:
+            await self.probe()
+        except Exception as probe_exc:
+            self._failed_probes += 1
+            raise _DestinationDown from probe_exc
+
+    async def _wait_out_outage(self) -> None:
+        assert self._probe_now is not None
+        self.outage = True
+        await self._announce()  # a flush waiting on progress hears of the failed probe
+        pending = await self._pending_quietly()
+        log.warning("memory store unavailable: write-back paused with %s exchanges pending; "
+                    "probing until it returns", pending)
+        pause = 0.25
+        while not self._stopping:
+            self._probe_now.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_now.wait(), pause)
+            if self._stopping:
+                break
+            try:
+                if self.probe is not None:
+                    await self.probe()
+            except Exception as exc:
+                self._failed_probes += 1
+                await self._announce()
+                log.debug("memory store still unavailable: %s", type(exc).__name__)
+                pause = min(OUTAGE_PROBE_MAX_S, pause * 2)
+                continue
+            log.info("memory store available again: write-back resumes")
+            break
+        self.outage = False
+
+    async def _pending_quietly(self) -> int | None:
+        try:
+            return await asyncio.to_thread(self.outbox.pending_count)
+        except Exception:
+            return None
+
+    async def _measure_quietly(self) -> None:
+        # Exchanges written back before the outage count for a flush waiting now.
+        with suppress(Exception):
+            await self._measure()
 
     async def _failed(self, seq: int, exchange: Exchange, exc: Exception) -> None:
         # The error text is kept in the outbox for operators; logs carry only its type,
@@ -542,3 +660,7 @@ class WriteBackWorker:
         if self._progress is not None:
             async with self._progress:
                 self._progress.notify_all()
+
+
+class _DestinationDown(Exception):
+    """The handler failed because its destination is down: pause, count nothing."""

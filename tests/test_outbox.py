@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from memory.errors import MemoryUnavailable
 from memory.outbox import Exchange, Outbox, WriteBackWorker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -300,6 +301,155 @@ async def test_stop_finishes_the_batch_in_hand_and_start_resumes(outbox: Outbox)
     await worker.flush(timeout=5)
     assert seen == [f"r{i}" for i in range(5)]
     await worker.stop()
+
+
+# -- outages of the destination ---------------------------------------------------------
+
+
+class Destination:
+    """A store that is up or down: the handler writes to it, the probe checks it."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.probes = 0
+        self.written: list[str] = []
+
+    async def handle(self, batch: list[Exchange]) -> None:
+        if not self.up:
+            raise ConnectionError("store unreachable")
+        self.written.extend(e.request_id for e in batch)
+
+    async def probe(self) -> None:
+        self.probes += 1
+        if not self.up:
+            raise ConnectionError("store unreachable")
+
+
+@pytest.fixture
+async def destination() -> Destination:
+    return Destination()
+
+
+@pytest.fixture
+async def guarded(outbox: Outbox, destination: Destination) -> AsyncIterator[WriteBackWorker]:
+    w = WriteBackWorker(outbox, destination.handle, batch_size=4, max_attempts=2,
+                        backoff=lambda n: 0.0, probe=destination.probe)
+    yield w
+    await w.stop(timeout=5)
+
+
+async def test_outage_spends_no_attempts_and_resumes_when_the_store_returns(
+        outbox: Outbox, guarded: WriteBackWorker, destination: Destination) -> None:
+    destination.up = False
+    for rid in ["a", "b", "c", "d", "e", "f"]:
+        await outbox.append(ex(rid))
+    guarded.start()
+    for _ in range(3):  # far more than max_attempts=2 tries at the store
+        with pytest.raises(MemoryUnavailable, match="6 exchanges wait in the outbox"):
+            await guarded.flush(timeout=5)
+    assert guarded.outage is True
+    assert destination.probes >= 3
+    assert [outbox.attempts(seq) for seq in range(1, 7)] == [0] * 6
+    assert (outbox.pending_count(), outbox.dead_count()) == (6, 0)
+
+    destination.up = True
+    await guarded.flush(timeout=5)
+    assert guarded.outage is False
+    assert destination.written == ["a", "b", "c", "d", "e", "f"]
+    assert (outbox.pending_count(), outbox.dead_count()) == (0, 0)
+
+
+async def test_bad_item_with_a_healthy_store_is_still_dead_lettered(
+        outbox: Outbox, destination: Destination) -> None:
+    recorder = Recorder()
+    recorder.fail_on = {"poison"}
+    worker = WriteBackWorker(outbox, recorder, batch_size=4, max_attempts=2,
+                             backoff=lambda n: 0.0, probe=destination.probe)
+    for rid in ["a", "poison", "b"]:
+        await outbox.append(ex(rid))
+    worker.start()
+    await worker.flush(timeout=5)
+    await worker.stop()
+    assert destination.probes >= 2  # each failure asked the store first
+    assert worker.outage is False
+    assert (outbox.pending_count(), outbox.dead_count()) == (0, 1)
+    assert outbox.dead()[0].request_id == "poison"
+
+
+async def test_store_failing_mid_split_stops_counting(outbox: Outbox) -> None:
+    """The batch fails, the worker retries one by one, and the store goes down under
+    it: the item that met the outage is not charged for it."""
+    destination = Destination()
+    calls = 0
+
+    async def handle(batch: list[Exchange]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("one bad item somewhere")
+        if calls == 3:
+            destination.up = False
+        await destination.handle(batch)
+
+    worker = WriteBackWorker(outbox, handle, batch_size=4, max_attempts=2,
+                             backoff=lambda n: 0.0, probe=destination.probe)
+    for rid in ["a", "b", "c"]:
+        await outbox.append(ex(rid))
+    worker.start()
+    with pytest.raises(MemoryUnavailable):
+        await worker.flush(timeout=5)
+    assert destination.written == ["a"]
+    assert [outbox.attempts(seq) for seq in (2, 3)] == [0, 0]
+    destination.up = True
+    await worker.flush(timeout=5)
+    await worker.stop()
+    assert destination.written == ["a", "b", "c"]
+    assert (outbox.pending_count(), outbox.dead_count()) == (0, 0)
+
+
+async def test_without_a_probe_memory_unavailable_is_an_outage(outbox: Outbox) -> None:
+    down = True
+
+    async def handle(batch: list[Exchange]) -> None:
+        if down:
+            raise MemoryUnavailable("store down")
+
+    worker = WriteBackWorker(outbox, handle, max_attempts=1, backoff=lambda n: 0.0)
+    await outbox.append(ex("a"))
+    worker.start()
+    with pytest.raises(MemoryUnavailable):
+        await worker.flush(timeout=5)
+    assert (outbox.attempts(1), outbox.dead_count()) == (0, 0)
+    down = False
+    await worker.flush(timeout=5)
+    await worker.stop()
+    assert (outbox.pending_count(), outbox.dead_count()) == (0, 0)
+
+
+async def test_stop_ends_an_outage_wait(outbox: Outbox, guarded: WriteBackWorker,
+                                        destination: Destination) -> None:
+    destination.up = False
+    await outbox.append(ex("a"))
+    guarded.start()
+    with pytest.raises(MemoryUnavailable):
+        await guarded.flush(timeout=5)
+    await asyncio.wait_for(guarded.stop(), 2)
+    assert not guarded.running
+    assert outbox.pending_count() == 1  # kept for the next start
+
+
+async def test_full_disk_append_fails_and_marks_the_outbox_unwritable(outbox: Outbox) -> None:
+    big = Exchange(request_id="big", tenant="t1", user="alice", session_id=None, model="m",
+                   messages=[{"role": "user", "content": "x" * 20000}], reply="ok",
+                   options={}, at=1)
+    outbox.limit_size(0)
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        await outbox.append(big)
+    assert outbox.writable is False
+    assert outbox.pending_count() == 0
+    outbox.limit_size(None)
+    assert await outbox.append(big) == 1
+    assert outbox.writable is True
 
 
 # -- kill -9 ----------------------------------------------------------------------------
