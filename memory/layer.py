@@ -12,6 +12,17 @@ from typing import Any, Protocol
 
 from memory.activation import Prefix
 
+# What a request did without, named in the ``X-Memcube-Degraded`` response header.
+#: Memories could not be read: the request was answered without them.
+RECALL = "recall"
+#: The exchange could not be recorded (the outbox refused it: a full disk); it will
+#: not be remembered. On a stream this is known only at its end, so the header
+#: carries the outbox's state when the stream began and the end says for certain.
+WRITE_BACK = "write-back"
+#: The exchange is recorded, but the store takes no writes now: it is written back
+#: when the store returns.
+WRITE_BACK_DELAYED = "write-back-delayed"
+
 
 @dataclass(frozen=True, slots=True)
 class Turn:
@@ -34,14 +45,23 @@ class Recall:
     messages: list[dict[str, Any]]
     memory_ids: list[str] = field(default_factory=list)
     prefix: Prefix | None = None
+    #: What memory cannot do for this request, as known before the backend runs.
+    degraded: list[str] = field(default_factory=list)
 
 
 class MemoryLayer(Protocol):
-    async def recall(self, turn: Turn, messages: list[dict[str, Any]]) -> Recall: ...
+    async def recall(self, turn: Turn, messages: list[dict[str, Any]]) -> Recall:
+        """Never fails because memory is unavailable: the messages come back as they
+        are, with ``degraded`` saying so. Fails for the request's own errors (a
+        mounted cube that does not exist)."""
+        ...
 
     async def remember(
         self, turn: Turn, messages: list[dict[str, Any]], reply: str | None
-    ) -> None: ...
+    ) -> bool:
+        """Record the exchange durably before the response ends. False when it should
+        have been recorded and could not be (it was not accepted: say so)."""
+        ...
 
 
 class NullMemory:
@@ -52,5 +72,5 @@ class NullMemory:
 
     async def remember(
         self, turn: Turn, messages: list[dict[str, Any]], reply: str | None
-    ) -> None:
-        return None
+    ) -> bool:
+        return True

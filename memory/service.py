@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -22,11 +23,11 @@ from typing import Any, Literal
 from memory.access import AccessRecorder
 from memory.activation import ActivationBlock, Prefix, make_prefix, select_block
 from memory.embedding.base import Embedder
-from memory.errors import InvalidMemoryRequest, MemoryNotFound
+from memory.errors import InvalidMemoryRequest, MemoryLayerError, MemoryNotFound, MemoryUnavailable
 from memory.extract import FineExtractor, Operation, fast, new_user_turns
 from memory.extract import Turn as ExtractTurn
 from memory.inject import TokenCounter, build_block, inject
-from memory.layer import Recall, Turn
+from memory.layer import RECALL, WRITE_BACK, WRITE_BACK_DELAYED, Recall, Turn
 from memory.models import (
     Cube,
     MemoryItem,
@@ -43,6 +44,7 @@ from memory.outbox import Exchange, Outbox, WriteBackWorker
 from memory.redact import redact
 from memory.retrieval import RetrievalConfig, Retriever
 from memory.store.base import Hit, MemoryStore, Scope
+from memory.store.guard import GuardedStore
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +79,17 @@ class MemoryService:
                  config: MemoryConfig | None = None,
                  counter_for: Callable[[str], TokenCounter] | None = None,
                  fine: FineExtractor | None = None) -> None:
-        self.store = store
+        # Every store failure reaches us as MemoryUnavailable, whatever the backend.
+        self.store: MemoryStore = store if isinstance(store, GuardedStore) else GuardedStore(store)
         self.embedder = embedder
         self.outbox = outbox
         self.config = config or MemoryConfig()
-        self.retriever = Retriever(store, embedder, self.config.retrieval)
+        self.retriever = Retriever(self.store, embedder, self.config.retrieval)
         self.counter_for = counter_for or (lambda model: lambda text: len(text) // 4 + 1)
         self.fine = fine
-        self.worker = WriteBackWorker(outbox, self._handle)
-        self.access = AccessRecorder(store)
+        self.worker = WriteBackWorker(outbox, self._handle, probe=self._probe)
+        self.access = AccessRecorder(self.store)
+        self.recall_failed = False  # the latest recall found the store unavailable
         # Activation blocks by (tenant, cube): the block and when it was computed.
         self._blocks: dict[tuple[str, str], tuple[ActivationBlock, float]] = {}
         self._used: dict[tuple[str, str], float] = {}  # when each block was last read
@@ -120,9 +124,27 @@ class MemoryService:
         self._listeners.append(listener)
 
     async def flush(self) -> None:
-        """Every exchange acknowledged so far is written back, and every access counted."""
+        """Every exchange acknowledged so far is written back, and every access counted.
+        Raises :class:`MemoryUnavailable` while the store is down."""
         await self.worker.flush()
         await self.access.flush()
+
+    async def _probe(self) -> None:
+        await asyncio.to_thread(self.store.probe)
+
+    def health(self) -> dict[str, Any]:
+        """What is known now, without touching the store (cheap enough for /healthz)."""
+        store_ok = not (self.worker.outage or self.recall_failed)
+        return {"store": "ok" if store_ok else "unavailable",
+                "outbox": "ok" if self.outbox.writable else "failing",
+                "write_back": "paused" if self.worker.outage else "ok"}
+
+    def _write_degraded(self, turn: Turn) -> list[str]:
+        if not self.config.enabled or not turn.options.get("write", True):
+            return []
+        if not self.outbox.writable:
+            return [WRITE_BACK]
+        return [WRITE_BACK_DELAYED] if self.worker.outage else []
 
     def close(self) -> None:
         self.outbox.close()
@@ -141,11 +163,24 @@ class MemoryService:
     async def recall(self, turn: Turn, messages: list[dict[str, Any]]) -> Recall:
         options = turn.options
         if not self.config.enabled or not options.get("enabled", True):
-            return Recall(messages=messages)
+            return Recall(messages=messages, degraded=self._write_degraded(turn))
         top_k = options.get("top_k", self.config.top_k)
         query = " ".join(new_user_turns(messages))
         count = self.counter_for(turn.model)
-        hits, prefix = await asyncio.to_thread(self._recall_hits, turn, query, top_k, count)
+        try:
+            hits, prefix = await asyncio.to_thread(self._recall_hits, turn, query, top_k, count)
+        except MemoryUnavailable as exc:
+            self.recall_failed = True
+            log.warning("request %s: recall skipped, %s", turn.request_id, exc.message)
+            return Recall(messages=messages, degraded=[RECALL, *self._write_degraded(turn)])
+        except MemoryLayerError:
+            raise  # the request's own fault (a cube that does not exist)
+        except Exception:
+            # A bug in recall must not cost the request its answer either.
+            log.exception("request %s: recall failed; answering without memory",
+                          turn.request_id)
+            return Recall(messages=messages, degraded=[RECALL, *self._write_degraded(turn)])
+        self.recall_failed = False
         if self.config.activation:
             self._note_recent(turn)
         held = prefix.memory_ids if prefix is not None else set()
@@ -155,7 +190,7 @@ class MemoryService:
             self.access.record(turn.tenant, ids, now())
         injected = [*(m for b in prefix.blocks for m in b.memory_ids), *ids] if prefix else ids
         return Recall(messages=inject(messages, block, prefix.message() if prefix else None),
-                      memory_ids=injected, prefix=prefix)
+                      memory_ids=injected, prefix=prefix, degraded=self._write_degraded(turn))
 
     def _recall_hits(self, turn: Turn, query: str, top_k: int,
                      count: TokenCounter) -> tuple[list[Hit], Prefix | None]:
@@ -278,19 +313,30 @@ class MemoryService:
                 raise MemoryNotFound(f"No cube '{cube_id}'.", param=param)
 
     async def remember(self, turn: Turn, messages: list[dict[str, Any]],
-                       reply: str | None) -> None:
+                       reply: str | None) -> bool:
         if not self.config.enabled or not turn.options.get("write", True):
-            return
+            return True
         write_cube = turn.options.get("write_cube")
         if write_cube:
-            await asyncio.to_thread(self._check_cubes, turn.tenant, [write_cube],
-                                    param="memory.write_cube")
+            try:
+                await asyncio.to_thread(self._check_cubes, turn.tenant, [write_cube],
+                                        param="memory.write_cube")
+            except MemoryUnavailable:
+                pass  # recorded anyway: the worker checks the cube before it writes
         exchange = Exchange(request_id=turn.request_id, tenant=turn.tenant, user=turn.user,
                             session_id=turn.session_id, model=turn.model,
                             messages=list(messages), reply=reply,
                             options=dict(turn.options), at=now())
-        await self.outbox.append(exchange)
+        try:
+            await self.outbox.append(exchange)
+        except (sqlite3.Error, OSError) as exc:
+            # Not durably accepted: the caller tells the client so. The log carries the
+            # error, never the exchange.
+            log.error("request %s: write-back refused by the outbox (%s: %s); this exchange "
+                      "will not be remembered", turn.request_id, type(exc).__name__, exc)
+            return False
         self.worker.notify()
+        return True
 
     # -- write-back ---------------------------------------------------------------------
 
@@ -324,6 +370,15 @@ class MemoryService:
             self.store.put_cube(Cube(id=cube_id, tenant=tenant, name=f"{user} (default)",
                                      kind="user", owner=user))
 
+    def _cube_ready(self, tenant: str, user: str, cube_id: str) -> bool:
+        """The write cube exists (a user's default cube is made). A chat names its write
+        cube before the store may be asked (it was down), or the cube may be deleted
+        since: an exchange never writes into a cube that is not there."""
+        if cube_id == default_cube_id(tenant, user):
+            self._ensure_default_cube(tenant, user, cube_id)
+            return True
+        return self.store.get_cube(tenant, cube_id) is not None
+
     def _stored_texts(self, plans: Sequence[tuple[str, str, str, str, list[Operation]]],
                       texts: Sequence[Sequence[str]]) -> set[tuple[str, str, str]]:
         """(tenant, cube, text key) of every ADD in the batch that its cube already holds:
@@ -344,12 +399,14 @@ class MemoryService:
         texts = [[redact(op.text).strip() for op in plan[4]] for plan in plans]
         # (tenant, cube, text key): in the store already, or written earlier in this batch
         written = self._stored_texts(plans, texts)
-        cubes_seen: set[tuple[str, str]] = set()
+        cubes_seen: dict[tuple[str, str], bool] = {}
         stamp = now()
         for (tenant, user, cube_id, request_id, ops), cleaned in zip(plans, texts, strict=True):
             if (tenant, cube_id) not in cubes_seen:
-                self._ensure_default_cube(tenant, user, cube_id)
-                cubes_seen.add((tenant, cube_id))
+                cubes_seen[(tenant, cube_id)] = self._cube_ready(tenant, user, cube_id)
+            if not cubes_seen[(tenant, cube_id)]:
+                log.warning("write-back of request %s skipped: its cube is gone", request_id)
+                continue
             for index, (op, text) in enumerate(zip(ops, cleaned, strict=True)):
                 if op.kind == "ADD":
                     key = (tenant, cube_id, text_key(text))

@@ -46,7 +46,7 @@ def build_store(settings: Settings, embedder: Embedder) -> MemoryStore:
         return ServerStore.from_url(settings.qdrant.url,
                                     api_key=os.environ.get(key_env) if key_env else None,
                                     embedding_model=embedder.model_id, dim=embedder.dim,
-                                    also_accept=embedder.same_space)
+                                    also_accept=embedder.same_space, connect_later=True)
     from memory.store.edge import EdgeStore
 
     return EdgeStore(settings.data_dir / "qdrant", embedding_model=embedder.model_id,

@@ -3,6 +3,12 @@
 parse -> resolve model and user -> memory.recall (inject) -> backend -> response
 -> memory.remember (before the response ends). Errors before the first byte are
 HTTP errors; errors after it become one error frame followed by ``[DONE]``.
+
+Memory never fails a request: what it could not do is named in ``X-Memcube-Degraded``
+(see :mod:`memory.layer`). A non-stream response knows whether its exchange was
+recorded; a stream's headers leave before that, so they carry the outbox's state as
+the stream began, and a stream whose exchange was refused says so at its end in an
+SSE comment (``: x-memcube-degraded write-back``), which OpenAI clients skip.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
-from memory.layer import MemoryLayer, Turn
+from memory.layer import WRITE_BACK, MemoryLayer, Turn
 from proxy.adapters import AdapterRegistry
 from proxy.backends.base import (
     ChatBackend,
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 USER_HEADER = "x-memcube-user"
 SESSION_HEADER = "x-memcube-session"
 DONE_FRAME = b"data: [DONE]\n\n"
+DEGRADED_HEADER = "x-memcube-degraded"
+WRITE_BACK_REFUSED_FRAME = b": x-memcube-degraded write-back\n\n"
 # nginx-style "client closed request": logged and counted, never seen by the client.
 CLIENT_CLOSED = 499
 
@@ -79,6 +87,7 @@ class ChatService:
         body["messages"] = recall.messages
         ctx = RequestContext(tenant=turn.tenant, prefix=recall.prefix)
         headers = {"x-memcube-memories": ",".join(recall.memory_ids)}
+        state["degraded"] = list(recall.degraded)  # for logs and metrics
         applied = self.adapters.apply(ctx, backend) if self.adapters is not None else None
         if applied:
             headers["x-memcube-adapter"] = applied
@@ -105,7 +114,16 @@ class ChatService:
             completion = work.result()
         else:
             completion = await backend.complete(body, ctx)
-        await self.memory.remember(turn, messages, completion_text(completion.data))
+        # Only an explicit False is a refusal: a layer that returns nothing kept it.
+        recorded = await self.memory.remember(turn, messages, completion_text(completion.data))
+        state = request.scope["state"]
+        # The outbox's answer replaces what recall foresaw of it.
+        degraded = [d for d in state["degraded"] if d != WRITE_BACK]
+        if recorded is False:
+            degraded.append(WRITE_BACK)
+        state["degraded"] = degraded
+        if degraded:
+            headers[DEGRADED_HEADER] = ",".join(degraded)
         content = completion.raw if completion.raw is not None else json.dumps(completion.data)
         headers["x-memcube-activation"] = ctx.activation
         return Response(content=content, media_type="application/json", headers=headers)
@@ -124,6 +142,8 @@ class ChatService:
             raise
         state = request.scope["state"]
         headers["x-memcube-activation"] = ctx.activation  # known once the stream started
+        if state["degraded"]:
+            headers[DEGRADED_HEADER] = ",".join(state["degraded"])
         frames = self._frames(groups, first, state, turn, messages)
         return EventStreamResponse(frames, headers)
 
@@ -149,7 +169,10 @@ class ChatService:
                 state["error_type"] = "api_error"
                 yield sse_frame(error_body("internal error while streaming", "api_error"))
                 reply = None
-            await self.memory.remember(turn, messages, reply)
+            if await self.memory.remember(turn, messages, reply) is False:
+                if WRITE_BACK not in state["degraded"]:
+                    state["degraded"].append(WRITE_BACK)
+                yield WRITE_BACK_REFUSED_FRAME
             finished = True
             yield DONE_FRAME
         finally:

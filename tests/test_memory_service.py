@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 
 from memory.embedding.base import HashEmbedder
-from memory.errors import MemoryNotFound
+from memory.errors import MemoryNotFound, MemoryUnavailable
 from memory.extract import FineExtractor
 from memory.layer import Turn
 from memory.models import default_cube_id
 from memory.outbox import Outbox
 from memory.redact import MASK
 from memory.service import MemoryConfig, MemoryService
+from memory.store.faulty import FaultyStore
 from memory.store.inmemory import InMemoryStore
 
 
@@ -273,3 +274,81 @@ async def test_activation_blocks_refresh_when_read_and_are_forgotten_when_not(
     again = await svc.recall(turn(user="bob"), said("what do I eat"))
     assert again.prefix is not None and "vegan" in again.prefix.content
     svc.close()
+
+
+# -- faults ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def faulty(tmp_path: Path) -> AsyncIterator[tuple[MemoryService, FaultyStore]]:
+    embedder = HashEmbedder()
+    store = FaultyStore(InMemoryStore(embedding_model=embedder.model_id, dim=embedder.dim))
+    service = MemoryService(store=store, embedder=embedder, outbox=Outbox(tmp_path / "o.db"))
+    await service.start()
+    yield service, store
+    store.mode = "ok"
+    await service.stop()
+    service.close()
+
+
+async def test_recall_with_the_store_down_passes_messages_unchanged(
+        faulty: tuple[MemoryService, FaultyStore]) -> None:
+    svc, store = faulty
+    svc.create("t1", "alice", "I play the cello")
+    store.mode = "down"
+    recall = await svc.recall(turn(), said("what do I play?"))
+    assert (recall.messages, recall.memory_ids, recall.degraded) == (
+        said("what do I play?"), [], ["recall"])
+    assert svc.health()["store"] == "unavailable"
+    store.mode = "ok"
+    recall = await svc.recall(turn(), said("what do I play?"))
+    assert recall.degraded == [] and len(recall.memory_ids) == 1
+    assert svc.health() == {"store": "ok", "outbox": "ok", "write_back": "ok"}
+
+
+async def test_unknown_cube_is_still_the_requests_fault_when_the_store_is_up(
+        faulty: tuple[MemoryService, FaultyStore]) -> None:
+    svc, store = faulty
+    with pytest.raises(MemoryNotFound):
+        await svc.recall(turn(cubes=["nope"]), said("anything"))
+    store.mode = "down"  # it cannot be checked now: answered without memory instead
+    assert (await svc.recall(turn(cubes=["nope"]), said("anything"))).degraded == ["recall"]
+
+
+async def test_memory_api_calls_raise_unavailable_not_the_store_error(
+        faulty: tuple[MemoryService, FaultyStore]) -> None:
+    svc, store = faulty
+    item = svc.create("t1", "alice", "I play the cello")
+    store.mode = "read-only"
+    assert svc.get("t1", item.id).text == "I play the cello"
+    with pytest.raises(MemoryUnavailable, match=r"unavailable \(OSError\)"):
+        svc.patch("t1", item.id, {"pinned": True})
+    store.mode = "down"
+    with pytest.raises(MemoryUnavailable, match=r"unavailable \(ConnectionError\)"):
+        svc.get("t1", item.id)
+    store.mode = "ok"
+    with pytest.raises(ValueError, match="shorter"):  # the caller's mistake stays its own
+        svc.store.upsert([item], [])
+
+
+async def test_remember_reports_an_exchange_the_outbox_refused(
+        faulty: tuple[MemoryService, FaultyStore]) -> None:
+    svc, _ = faulty
+    svc.outbox.limit_size(0)
+    assert await svc.remember(turn(rid="big"), said("x" * 20000), "ok") is False
+    recall = await svc.recall(turn(rid="next"), said("anything"))
+    assert recall.degraded == ["write-back"]  # foreseen for the next request
+    svc.outbox.limit_size(None)
+    assert await svc.remember(turn(rid="small"), said("I like tea"), "ok") is True
+    assert (await svc.recall(turn(rid="after"), said("tea"))).degraded == []
+    await svc.flush()
+    assert [i.text for i in svc.store.list_items("t1")[0]] == ["I like tea"]
+
+
+async def test_write_back_to_a_deleted_write_cube_is_skipped(svc: MemoryService) -> None:
+    cube = svc.create_cube("t1", "team")
+    await svc.remember(turn(write_cube=cube.id), said("The team meets on Fridays"), "ok")
+    svc.delete_cube("t1", cube.id)  # before the worker gets to it
+    await svc.flush()
+    assert svc.store.list_items("t1")[0] == []
+    assert svc.outbox.dead_count() == 0
