@@ -161,6 +161,54 @@ def test_stream_cut_midway_ends_with_error_frame_then_done(proxy: Live,
     assert any("partial" in f for f in frames[:-2])
 
 
+def stream_frames(live: Live) -> list[str]:
+    """A stream request's data frames, after checking it started as a 200 stream."""
+    with httpx.stream("POST", f"{live.base_url}/chat/completions", timeout=30,
+                      json={"model": "up", "messages": MESSAGES, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def assert_error_then_done(frames: list[str], code: str) -> None:
+    assert frames[-1] == "[DONE]"
+    error = json.loads(frames[-2])
+    assert set(error) == {"error"}
+    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert (error["error"]["type"], error["error"]["code"]) == ("api_error", code)
+    assert sum(1 for f in frames if f.startswith('{"error"')) == 1
+
+
+def test_stream_stalled_midway_ends_with_timeout_frame_then_done(proxy: Live,
+                                                                  upstream: FakeUpstream) -> None:
+    # The model's timeout (2 s) bounds the wait between two reads, not the whole stream.
+    upstream.enqueue(Stream([chunk("", role="assistant"), chunk("partial"), Delay(3.0)]))
+    frames = stream_frames(proxy)
+    assert any("partial" in f for f in frames[:-2])
+    assert_error_then_done(frames, "upstream_timeout")
+
+
+def test_malformed_chunk_midway_ends_with_error_frame_then_done(proxy: Live,
+                                                                upstream: FakeUpstream) -> None:
+    # The pause makes the good chunk its own read, so the stream has started.
+    upstream.enqueue(Stream([chunk("", role="assistant"), chunk("partial"), Delay(0.3),
+                             b"data: {this is not json\n\n"]))
+    frames = stream_frames(proxy)
+    assert any("partial" in f for f in frames[:-2])
+    assert_error_then_done(frames, "upstream_error")
+
+
+def test_stream_cut_before_first_chunk_is_a_502(proxy: Live, upstream: FakeUpstream) -> None:
+    upstream.enqueue(Stream([], cut=True))
+    r = post(proxy, {"model": "up", "messages": MESSAGES, "stream": True})
+    assert r.status_code == 502
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert (err["type"], err["param"]) == ("api_error", None)
+    # The relay sees a stream that ended early; litellm, a connection that broke.
+    assert err["code"] in ("upstream_error", "upstream_unavailable")
+
+
 def test_stream_that_fails_before_first_chunk_is_an_http_error(proxy: Live,
                                                                upstream: FakeUpstream) -> None:
     upstream.enqueue(Status(503))
@@ -190,7 +238,9 @@ def test_connection_refused_is_502(tmp_path: Path, upstream: FakeUpstream,
         rs = post(live, {"model": "up", "messages": MESSAGES, "stream": True})
     assert r.status_code == 502
     assert r.json()["error"]["type"] == "api_error"
+    assert r.json()["error"]["code"] == "upstream_unavailable"
     assert rs.status_code == 502
+    assert rs.json()["error"]["code"] == "upstream_unavailable"
 
 
 def test_retries_recover_from_a_transient_503(tmp_path: Path, upstream: FakeUpstream,

@@ -123,6 +123,9 @@ class LiteLLMBackend(ChatBackend):
             if "JSON" in text or "decode" in text.lower():
                 return UpstreamError("upstream returned a malformed reply")
             return UpstreamUnavailableError("upstream unreachable")
+        cause = _transport_cause(exc)
+        if cause is not None:
+            return cause
         status = getattr(exc, "status_code", None)
         message = getattr(exc, "message", None) or str(exc)
         if isinstance(status, int) and 400 <= status < 500:
@@ -131,6 +134,23 @@ class LiteLLMBackend(ChatBackend):
             )
         log.warning("upstream error via litellm: %s", type(exc).__name__)
         return UpstreamError(f"upstream error: {type(exc).__name__}")
+
+
+def _transport_cause(exc: BaseException) -> ProxyError | None:
+    """litellm reports some transport failures as a 500 (a refused connection comes as
+    ``InternalServerError: Connection error.``); the exception chain says what it was."""
+    import openai
+
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, (openai.APITimeoutError, TimeoutError)):
+            return UpstreamTimeoutError("upstream timed out")
+        if isinstance(link, (openai.APIConnectionError, ConnectionError)):
+            return UpstreamUnavailableError("upstream unreachable")
+        link = link.__cause__ or link.__context__
+    return None
 
 
 def _error_json(message: str) -> bytes:

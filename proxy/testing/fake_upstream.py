@@ -6,7 +6,8 @@ a fixed completion, streamed when asked. Every request is kept in ``history``.
 
     with FakeUpstream() as up:
         up.enqueue(Reply({"choices": ...}), Status(503), Delay(2.0), Malformed(),
-                   Raw(b"data: ..."), Stream([chunk, chunk], cut=True))
+                   Raw(b"data: ..."), Stream([chunk, chunk], cut=True),
+                   Stream([chunk, Delay(5.0), b"data: {oops"]))
         ...
         up.history[0].body["model"]
 
@@ -63,9 +64,13 @@ class Raw:
 
 @dataclass
 class Stream:
-    """SSE chunks; ``cut`` drops the connection after them without ``[DONE]``."""
+    """SSE chunks; ``cut`` drops the connection after them without ``[DONE]``.
 
-    chunks: list[dict[str, Any]]
+    Among the chunks, ``bytes`` are sent as they are (a malformed event), and a
+    :class:`Delay` pauses the stream for its seconds (a stream that stalls mid-way).
+    """
+
+    chunks: list[Any]
     cut: bool = False
 
 
@@ -199,7 +204,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         for c in step.chunks:
-            self._chunk(b"data: " + json.dumps(c).encode() + b"\n\n")
+            if isinstance(c, Delay):
+                time.sleep(c.seconds)
+            elif isinstance(c, bytes):
+                self._chunk(c)
+            else:
+                self._chunk(b"data: " + json.dumps(c).encode() + b"\n\n")
         if step.cut:
             # Half a chunk, then hang up: the client sees a broken body.
             self.wfile.write(b"40\r\ndata: {\"id\"")
