@@ -598,9 +598,10 @@ class WriteBackWorker:
                     "probing until it returns", pending)
         pause = 0.25
         while not self._stopping:
-            self._probe_now.clear()
+            # Cleared after the wait, not before: a flush asking during a probe is heard.
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._probe_now.wait(), pause)
+            self._probe_now.clear()
             if self._stopping:
                 break
             try:
