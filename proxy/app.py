@@ -14,7 +14,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from memory.activation import StateCache
-from memory.errors import InvalidMemoryRequest, MemoryLayerError, MemoryNotFound
+from memory.errors import (
+    InvalidMemoryRequest,
+    MemoryLayerError,
+    MemoryNotFound,
+    MemoryUnavailable,
+)
 from memory.layer import MemoryLayer, NullMemory
 from memory.service import MemoryService
 from proxy.adapters import AdapterRegistry
@@ -143,6 +148,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             err = NotFoundError(exc.message, param=exc.param)
         elif isinstance(exc, InvalidMemoryRequest):
             err = InvalidRequestError(exc.message, param=exc.param)
+        elif isinstance(exc, MemoryUnavailable):
+            err = ProxyError(exc.message, status=exc.status, type=exc.type, code=exc.code)
         else:
             err = ProxyError(exc.message)
         return respond(request, err)

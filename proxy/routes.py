@@ -39,8 +39,11 @@ async def healthz(request: Request) -> JSONResponse:
     backends = request.app.state.chat.backends
     models = {name: ("ready" if b.ready else "loading") for name, b in backends.items()}
     ok = all(v == "ready" for v in models.values())
-    return JSONResponse({"status": "ok" if ok else "starting", "models": models},
-                        status_code=200 if ok else 503)
+    body: dict[str, Any] = {"status": "ok" if ok else "starting", "models": models}
+    service = request.app.state.memory_service
+    if service is not None:  # degraded memory is reported, never a failed liveness check
+        body["memory"] = service.health()
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics")
