@@ -18,6 +18,8 @@ process opening the same directory. Writes take a lock so that a multi-step writ
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -75,6 +77,27 @@ def _filter(where: c.Where) -> Filter:
     return Filter(must=[cond(x) for x in where.must])
 
 
+def _index_operations() -> list[UpdateOperation]:
+    ops = [UpdateOperation.create_field_index(c.TENANT_FIELD, KeywordIndexParams(is_tenant=True)),
+           UpdateOperation.create_field_index(
+               c.CURRENT_FIELD, IntegerIndexParams(lookup=True, range=False)),
+           UpdateOperation.create_field_index(c.CUBE_TENANT_FIELD, KeywordIndexParams()),
+           UpdateOperation.create_field_index(
+               c.ACCESS_FIELD, IntegerIndexParams(lookup=False, range=True)),
+           UpdateOperation.create_field_index(
+               c.PINNED_FIELD, IntegerIndexParams(lookup=True, range=False))]
+    return ops + [UpdateOperation.create_field_index(k, KeywordIndexParams())
+                  for k in c.KEYWORD_INDEXES]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class EdgeStore(MemoryStore):
     def __init__(self, path: Path, *, embedding_model: str, dim: int,
                  also_accept: Collection[str] = ()) -> None:
@@ -85,22 +108,12 @@ class EdgeStore(MemoryStore):
         self.dim = dim
         self._lock = threading.Lock()
         self._closed = False
-        fresh = not self.path.exists() or not any(self.path.iterdir())
+        if not self.path.exists() or not any(self.path.iterdir()):
+            self._create(embedding_model, dim)
         try:
-            if fresh:
-                self._shard = EdgeShard.create(str(self.path), EdgeConfig(
-                    vectors={c.DENSE: EdgeVectorParams(size=dim, distance=Distance.Cosine)},
-                    sparse_vectors={c.SPARSE: EdgeSparseVectorParams(modifier=Modifier.Idf)}))
-            else:
-                self._shard = EdgeShard.load(str(self.path))
+            self._shard = EdgeShard.load(str(self.path))
         except Exception as exc:  # the binding raises bare Exception
             raise StoreError(f"cannot open Qdrant Edge store at {self.path}: {exc}") from exc
-        if fresh:
-            self._create_indexes()
-            self._shard.update(UpdateOperation.upsert_points(
-                [Point(_META_ID, {}, {c.META_KEY: c.meta(embedding_model, dim)})]))
-            self._shard.flush()
-            return
         schema = self._shard.info().payload_schema
         if c.TEXT_KEY_FIELD not in schema:  # a store from before it
             self._shard.update(UpdateOperation.create_field_index(c.TEXT_KEY_FIELD, KeywordIndexParams()))
@@ -124,6 +137,32 @@ class EdgeStore(MemoryStore):
             raise
         self._index_on_open()
 
+    def _create(self, embedding_model: str, dim: int) -> None:
+        """Build a new shard beside ``path`` and rename it into place once its indexes
+        and metadata record are flushed: a kill during creation leaves nothing, or a
+        leftover the next creation removes, never a store that every later start must
+        refuse for its missing metadata."""
+        building = self.path.with_name(f".{self.path.name}.creating")
+        shutil.rmtree(building, ignore_errors=True)
+        try:
+            shard = EdgeShard.create(str(building), EdgeConfig(
+                vectors={c.DENSE: EdgeVectorParams(size=dim, distance=Distance.Cosine)},
+                sparse_vectors={c.SPARSE: EdgeSparseVectorParams(modifier=Modifier.Idf)}))
+        except Exception as exc:  # the binding raises bare Exception
+            raise StoreError(f"cannot create Qdrant Edge store at {self.path}: {exc}") from exc
+        try:
+            for op in _index_operations():
+                shard.update(op)
+            shard.update(UpdateOperation.upsert_points(
+                [Point(_META_ID, {}, {c.META_KEY: c.meta(embedding_model, dim)})]))
+            shard.flush()
+        finally:
+            shard.close()
+        if self.path.exists():
+            self.path.rmdir()  # empty: an existing store is never replaced
+        os.rename(building, self.path)
+        _fsync_dir(self.path.parent)
+
     def _index_on_open(self) -> None:
         """Build the search index of what was written since the last one, before serving.
 
@@ -142,19 +181,6 @@ class EdgeStore(MemoryStore):
         if self.optimize():
             log.info("memory store %s: search index built in %.1f s", self.path,
                      time.perf_counter() - started)
-
-    def _create_indexes(self) -> None:
-        ops = [UpdateOperation.create_field_index(c.TENANT_FIELD, KeywordIndexParams(is_tenant=True)),
-               UpdateOperation.create_field_index(
-                   c.CURRENT_FIELD, IntegerIndexParams(lookup=True, range=False)),
-               UpdateOperation.create_field_index(c.CUBE_TENANT_FIELD, KeywordIndexParams()),
-               UpdateOperation.create_field_index(
-                   c.ACCESS_FIELD, IntegerIndexParams(lookup=False, range=True)),
-               UpdateOperation.create_field_index(
-                   c.PINNED_FIELD, IntegerIndexParams(lookup=True, range=False))]
-        ops += [UpdateOperation.create_field_index(k, KeywordIndexParams()) for k in c.KEYWORD_INDEXES]
-        for op in ops:
-            self._shard.update(op)
 
     # -- helpers -------------------------------------------------------------------
 
