@@ -162,6 +162,7 @@ class MemoryService:
 
     async def recall(self, turn: Turn, messages: list[dict[str, Any]]) -> Recall:
         options = turn.options
+        await self._check_write_cube(turn)
         if not self.config.enabled or not options.get("enabled", True):
             return Recall(messages=messages, degraded=self._write_degraded(turn))
         top_k = options.get("top_k", self.config.top_k)
@@ -191,6 +192,18 @@ class MemoryService:
         injected = [*(m for b in prefix.blocks for m in b.memory_ids), *ids] if prefix else ids
         return Recall(messages=inject(messages, block, prefix.message() if prefix else None),
                       memory_ids=injected, prefix=prefix, degraded=self._write_degraded(turn))
+
+    async def _check_write_cube(self, turn: Turn) -> None:
+        """A ``write_cube`` that does not exist is the request's fault: a 404 before the
+        backend is called (and billed), not a failure after the reply."""
+        cube = turn.options.get("write_cube")
+        if not cube or not self.config.enabled or not turn.options.get("write", True):
+            return
+        try:
+            await asyncio.to_thread(self._check_cubes, turn.tenant, [cube],
+                                    param="memory.write_cube")
+        except MemoryUnavailable:
+            pass  # recorded anyway: the worker checks the cube again before it writes
 
     def _recall_hits(self, turn: Turn, query: str, top_k: int,
                      count: TokenCounter) -> tuple[list[Hit], Prefix | None]:
@@ -316,13 +329,6 @@ class MemoryService:
                        reply: str | None) -> bool:
         if not self.config.enabled or not turn.options.get("write", True):
             return True
-        write_cube = turn.options.get("write_cube")
-        if write_cube:
-            try:
-                await asyncio.to_thread(self._check_cubes, turn.tenant, [write_cube],
-                                        param="memory.write_cube")
-            except MemoryUnavailable:
-                pass  # recorded anyway: the worker checks the cube before it writes
         exchange = Exchange(request_id=turn.request_id, tenant=turn.tenant, user=turn.user,
                             session_id=turn.session_id, model=turn.model,
                             messages=list(messages), reply=reply,

@@ -169,7 +169,13 @@ class ChatService:
                 state["error_type"] = "api_error"
                 yield sse_frame(error_body("internal error while streaming", "api_error"))
                 reply = None
-            if await self.memory.remember(turn, messages, reply) is False:
+            try:
+                recorded = await self.memory.remember(turn, messages, reply)
+            except Exception:
+                # The reply has gone out: the stream still ends properly, flagged.
+                log.exception("write-back failed after the stream")
+                recorded = False
+            if recorded is False:
                 if WRITE_BACK not in state["degraded"]:
                     state["degraded"].append(WRITE_BACK)
                 yield WRITE_BACK_REFUSED_FRAME
