@@ -22,10 +22,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from memory.errors import MemoryUnavailable
 
@@ -38,6 +39,8 @@ Probe = Callable[[], Awaitable[None]]
 
 #: Longest wait between two probes of a destination that is down, in seconds.
 OUTAGE_PROBE_MAX_S = 10.0
+_APPEND_THREADS = 4
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -150,6 +153,7 @@ class Outbox:
         #: False from a failed append (a full disk) until one succeeds again: callers
         #: that must answer before they append (a stream's headers) read it.
         self.writable = True
+        self._appenders = ThreadPoolExecutor(_APPEND_THREADS, thread_name_prefix="outbox-append")
         _fsync_dir(self.path.parent)  # the -wal file's directory entry must survive too
 
     def limit_size(self, max_bytes: int | None) -> None:
@@ -174,7 +178,11 @@ class Outbox:
         back. One already handled and acked is stored again and replayed, which the
         idempotent handler absorbs.
         """
-        return await asyncio.to_thread(self.append_blocking, exchange)
+        # Threads of its own: under load the shared default pool is full of recall work,
+        # and a stream's [DONE] waits for this append. Several, so commits group.
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._appenders, self.append_blocking, exchange)
 
     def append_blocking(self, exchange: Exchange) -> int:
         pending = _Pending(exchange.request_id, exchange.to_json())
@@ -319,6 +327,7 @@ class Outbox:
         return None if value is None else max(0.0, float(value) - self.clock())
 
     def close(self) -> None:
+        self._appenders.shutdown(wait=True)
         with self._lock:
             if not self._closed:
                 self._closed = True
@@ -415,6 +424,16 @@ class WriteBackWorker:
         # Every seq below this has been handled (acked or dead); None until first measured.
         self._low_water: int | None = None
         self._suspects: set[int] = set()
+        # One thread of its own, so write-back keeps pace when recall work fills the
+        # default pool (bench/load.py: the backlog grew for as long as load lasted).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="write-back")
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the worker's own thread (handlers use it for their writes)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
 
     @property
     def running(self) -> bool:
@@ -502,7 +521,7 @@ class WriteBackWorker:
         if reached():
             return
         if down():
-            pending = await asyncio.to_thread(self.outbox.pending_count)
+            pending = await self.run_blocking(self.outbox.pending_count)
             raise MemoryUnavailable(
                 f"The memory store is unavailable: {pending} exchanges wait in the outbox "
                 "and will be written back when it returns; try the flush again later.")
@@ -518,11 +537,11 @@ class WriteBackWorker:
             self._wake.clear()
             batch: list[tuple[int, Exchange]] = []
             try:
-                batch = await asyncio.to_thread(self.outbox.claim, self.batch_size)
+                batch = await self.run_blocking(self.outbox.claim, self.batch_size)
                 if batch:
                     await self._process(batch)
                 await self._measure()
-                wait = None if batch else await asyncio.to_thread(self.outbox.next_due_in)
+                wait = None if batch else await self.run_blocking(self.outbox.next_due_in)
                 failures = 0
             except _DestinationDown:
                 await self._measure_quietly()
@@ -570,9 +589,9 @@ class WriteBackWorker:
                     await self._check_destination(item_exc)
                     await self._failed(seq, exchange, item_exc)
                 else:
-                    await asyncio.to_thread(self.outbox.ack, [seq])
+                    await self.run_blocking(self.outbox.ack, [seq])
             return
-        await asyncio.to_thread(self.outbox.ack, [seq for seq, _ in run])
+        await self.run_blocking(self.outbox.ack, [seq for seq, _ in run])
         self._suspects.difference_update(seq for seq, _ in run)
 
     async def _check_destination(self, exc: Exception) -> None:
@@ -619,7 +638,7 @@ class WriteBackWorker:
 
     async def _pending_quietly(self) -> int | None:
         try:
-            return await asyncio.to_thread(self.outbox.pending_count)
+            return await self.run_blocking(self.outbox.pending_count)
         except Exception:
             return None
 
@@ -639,7 +658,7 @@ class WriteBackWorker:
                                            max_attempts=self.max_attempts)
             return dead, attempts
 
-        dead, attempts = await asyncio.to_thread(record)
+        dead, attempts = await self.run_blocking(record)
         if dead:
             self._suspects.discard(seq)
         else:
@@ -652,7 +671,7 @@ class WriteBackWorker:
                         exchange.request_id, seq, attempts, type(exc).__name__)
 
     async def _measure(self) -> None:
-        low = await asyncio.to_thread(self.outbox.low_water)
+        low = await self.run_blocking(self.outbox.low_water)
         if low != self._low_water:
             self._low_water = low
             await self._announce()

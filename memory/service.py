@@ -130,7 +130,7 @@ class MemoryService:
         await self.access.flush()
 
     async def _probe(self) -> None:
-        await asyncio.to_thread(self.store.probe)
+        await self.worker.run_blocking(self.store.probe)
 
     def health(self) -> dict[str, Any]:
         """What is known now, without touching the store (cheap enough for /healthz)."""
@@ -147,6 +147,7 @@ class MemoryService:
         return [WRITE_BACK_DELAYED] if self.worker.outage else []
 
     def close(self) -> None:
+        self.worker.close()
         self.outbox.close()
         self.store.close()
         self.embedder.close()
@@ -356,20 +357,20 @@ class MemoryService:
             if self.fine is not None and self.config.extraction == "fine":
                 async def similar(text: str, ex: Exchange = exchange,
                                   cube: str = cube_id) -> list[MemoryItem]:
-                    hits = await asyncio.to_thread(
+                    hits = await self.worker.run_blocking(
                         self.retriever.search, Scope(tenant=ex.tenant, cube_ids=[cube]), text, 5)
                     return [h.item for h in hits]
 
                 ops = await self.fine.extract(turn, similar)
                 # Fine decisions read the store, so each exchange lands before the next.
-                await asyncio.to_thread(self._apply_many, [
+                await self.worker.run_blocking(self._apply_many, [
                     (exchange.tenant, exchange.user, cube_id, exchange.request_id, ops)])
             else:
                 plans.append((exchange.tenant, exchange.user, cube_id, exchange.request_id,
                               fast(turn)))
         if plans:
             # One embedding batch and one upsert for the whole batch of exchanges.
-            await asyncio.to_thread(self._apply_many, plans)
+            await self.worker.run_blocking(self._apply_many, plans)
 
     def _ensure_default_cube(self, tenant: str, user: str, cube_id: str) -> None:
         if cube_id == default_cube_id(tenant, user) and self.store.get_cube(tenant, cube_id) is None:
