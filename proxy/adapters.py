@@ -21,10 +21,10 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from memory.parametric import AdapterError, inspect
-from proxy.auth import Principal, require_key
+from proxy.auth import require_admin, require_key
 from proxy.backends.base import ChatBackend, RequestContext
 from proxy.backends.llamacpp import LlamaCppBackend
-from proxy.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from proxy.errors import InvalidRequestError, NotFoundError
 from proxy.protocol import MAX_ID_LENGTH, read_body
 from proxy.settings import AdapterConfig, Settings
 
@@ -151,9 +151,7 @@ class PutAdapter(BaseModel):
 
 
 def _registry(request: Request) -> AdapterRegistry:
-    principal: Principal = request.scope["state"]["principal"]
-    if not principal.admin:
-        raise PermissionDeniedError("Only admin keys may manage adapters.")
+    require_admin(request, "adapters")
     registry: AdapterRegistry = request.app.state.adapters
     return registry
 

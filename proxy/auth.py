@@ -125,6 +125,14 @@ def authenticate(request: Request) -> Principal:
     return principal
 
 
+def require_admin(request: Request, what: str) -> Principal:
+    """The caller's principal if it holds an admin key, else a 403 naming ``what``."""
+    principal: Principal = request.scope["state"]["principal"]
+    if not principal.admin:
+        raise PermissionDeniedError(f"Only admin keys may manage {what}.")
+    return principal
+
+
 async def require_key(request: Request) -> Principal:
     """Route dependency form of :func:`authenticate`."""
     return authenticate(request)

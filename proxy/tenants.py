@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy.auth import DEFAULT_TENANT, KeyRing, Principal, require_key
-from proxy.errors import InvalidRequestError, NotFoundError, PermissionDeniedError, ProxyError
+from proxy.auth import DEFAULT_TENANT, KeyRing, require_admin, require_key
+from proxy.errors import InvalidRequestError, NotFoundError, ProxyError
 from proxy.keys import PREFIX, stored_digest
 from proxy.protocol import read_body
 from proxy.settings import TENANT_ID_PATTERN, Settings, TenantConfig
@@ -112,9 +112,7 @@ class PutTenant(BaseModel):
 
 
 def _registry(request: Request) -> TenantRegistry:
-    principal: Principal = request.scope["state"]["principal"]
-    if not principal.admin:
-        raise PermissionDeniedError("Only admin keys may manage tenants.")
+    require_admin(request, "tenants")
     registry: TenantRegistry = request.app.state.tenants
     return registry
 
