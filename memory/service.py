@@ -131,6 +131,7 @@ class MemoryService:
 
     async def _probe(self) -> None:
         await self.worker.run_blocking(self.store.probe)
+        self.recall_failed = False  # the store answered reads and writes just now
 
     def health(self) -> dict[str, Any]:
         """What is known now, without touching the store (cheap enough for /healthz)."""

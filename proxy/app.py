@@ -99,6 +99,7 @@ def create_app(
     app.state.chat = chat
     app.state.metrics = Metrics()
     app.state.metrics.watch_activation(backends)
+    app.state.metrics.watch_memory(lambda: app.state.memory_service)
     app.state.adapters = adapters
     app.state.started_at = int(time.time())
     app.state.memory_service = memory if isinstance(memory, MemoryService) else None

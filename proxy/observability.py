@@ -11,7 +11,7 @@ import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -71,6 +71,9 @@ class Metrics:
                                  registry=self.registry)
         self.in_flight = Gauge("memcube_requests_in_flight", "Requests being served.",
                                registry=self.registry)
+        self.degraded = Counter("memcube_degraded_requests_total",
+                                "Requests answered without part of memory (X-Memcube-Degraded).",
+                                ["component"], registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -79,7 +82,14 @@ class Metrics:
         """Export the activation memory of every backend that keeps it (the local one)."""
         self.registry.register(ActivationCollector(backends))
 
+    def watch_memory(self, service: Callable[[], Any]) -> None:
+        """Export the write-back outbox and the store's health (``service()``: the memory
+        service, or None while there is none)."""
+        self.registry.register(MemoryCollector(service))
+
     def observe(self, state: dict[str, Any], route: str, status: int, seconds: float) -> None:
+        for component in state.get("degraded") or ():
+            self.degraded.labels(component).inc()
         model = str(state.get("model") or "")
         code = str(status)
         self.requests.labels(route, model, code).inc()
@@ -252,3 +262,28 @@ class ActivationCollector(Collector):
             for adapter, count in sorted(stats.requests.items()):
                 uses.add_metric([name, adapter], count)
         yield from (loads, dropped, uses)
+
+
+class MemoryCollector(Collector):
+    """Write-back backlog and dead letters, and whether the store is reachable, read at
+    scrape time (two small SQLite counts)."""
+
+    def __init__(self, service: Callable[[], Any]) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        service = self.service()
+        if service is None:
+            return
+        try:
+            pending, dead = service.outbox.pending_count(), service.outbox.dead_count()
+        except Exception:  # closed while shutting down: skip, never fail the scrape
+            return
+        health = service.health()
+        yield GaugeMetricFamily("memcube_outbox_pending",
+                                "Exchanges acknowledged but not yet written back.", value=pending)
+        yield GaugeMetricFamily("memcube_outbox_dead",
+                                "Exchanges that failed every retry (dead letters).", value=dead)
+        yield GaugeMetricFamily("memcube_memory_store_up",
+                                "1 while the memory store answers, 0 during an outage.",
+                                value=1 if health["store"] == "ok" else 0)

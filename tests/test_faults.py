@@ -336,3 +336,27 @@ def test_healthz_stays_200_and_names_what_memory_lacks(rig: Rig) -> None:
     assert r.json()["status"] == "ok"
     assert r.json()["memory"] == {"store": "unavailable", "outbox": "failing",
                                   "write_back": "paused"}
+
+
+def metric(rig: Rig, line_start: str) -> float:
+    text = httpx.get(f"{rig.live.url}/metrics", timeout=30).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(line_start + " ")]
+    assert len(values) == 1, f"{line_start} not exported once in:\n{text}"
+    return values[0]
+
+
+def test_metrics_show_the_outage_the_backlog_and_degraded_requests(rig: Rig) -> None:
+    assert metric(rig, "memcube_memory_store_up") == 1
+    rig.store.mode = "down"
+    for n in range(3):
+        assert rig.chat(f"Outage note {n}.").status_code == 200
+    rig.flush_raises_unavailable()
+    assert metric(rig, "memcube_memory_store_up") == 0
+    assert metric(rig, "memcube_outbox_pending") == 3
+    assert metric(rig, "memcube_outbox_dead") == 0
+    assert metric(rig, 'memcube_degraded_requests_total{component="recall"}') == 3
+    rig.store.mode = "ok"
+    assert rig.api("POST", "/memories/flush").status_code == 200
+    assert metric(rig, "memcube_outbox_pending") == 0
+    assert metric(rig, "memcube_memory_store_up") == 1
