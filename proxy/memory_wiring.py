@@ -56,6 +56,11 @@ def build_store(settings: Settings, embedder: Embedder) -> MemoryStore:
 def token_counters(backends: dict[str, ChatBackend]) -> Callable[[str], TokenCounter]:
     """The local model counts with its own tokenizer; upstream models with tiktoken."""
 
+    if any(not callable(getattr(b, "count_tokens", None)) for b in backends.values()):
+        # Loaded now, at start-up off the event loop: the first request would otherwise
+        # stall the loop some 0.3 s reading the encoding (bench/load.py).
+        tiktoken_counter()
+
     def counter_for(model: str) -> TokenCounter:
         backend = backends.get(model)
         count = getattr(backend, "count_tokens", None)
