@@ -109,17 +109,16 @@ class ChatService:
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
                 log.info("client disconnected; generation stopped")
-                await self.memory.remember(turn, messages, None)
+                await self._remember(turn, messages, None)
                 return Response(status_code=CLIENT_CLOSED)
             completion = work.result()
         else:
             completion = await backend.complete(body, ctx)
-        # Only an explicit False is a refusal: a layer that returns nothing kept it.
-        recorded = await self.memory.remember(turn, messages, completion_text(completion.data))
+        recorded = await self._remember(turn, messages, completion_text(completion.data))
         state = request.scope["state"]
         # The outbox's answer replaces what recall foresaw of it.
         degraded = [d for d in state["degraded"] if d != WRITE_BACK]
-        if recorded is False:
+        if not recorded:
             degraded.append(WRITE_BACK)
         state["degraded"] = degraded
         if degraded:
@@ -169,13 +168,7 @@ class ChatService:
                 state["error_type"] = "api_error"
                 yield sse_frame(error_body("internal error while streaming", "api_error"))
                 reply = None
-            try:
-                recorded = await self.memory.remember(turn, messages, reply)
-            except Exception:
-                # The reply has gone out: the stream still ends properly, flagged.
-                log.exception("write-back failed after the stream")
-                recorded = False
-            if recorded is False:
+            if not await self._remember(turn, messages, reply):
                 if WRITE_BACK not in state["degraded"]:
                     state["degraded"].append(WRITE_BACK)
                 yield WRITE_BACK_REFUSED_FRAME
@@ -185,7 +178,18 @@ class ChatService:
             await groups.aclose()
             if not finished:
                 # The client left mid-stream: keep what it said, not the half reply.
-                await self.memory.remember(turn, messages, None)
+                await self._remember(turn, messages, None)
+
+    async def _remember(self, turn: Turn, messages: list[dict[str, Any]],
+                        reply: str | None) -> bool:
+        """Whether the exchange was durably recorded. Never raises: the reply exists by
+        now, and a failure here is reported as degraded, not as a failed request."""
+        try:
+            # Only an explicit False is a refusal: a layer that returns nothing kept it.
+            return await self.memory.remember(turn, messages, reply) is not False
+        except Exception:
+            log.exception("write-back failed after the reply")
+            return False
 
     @staticmethod
     def _encode(group: list[StreamEvent], text: list[str]) -> bytes:
