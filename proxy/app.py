@@ -35,7 +35,7 @@ from proxy.errors import (
 )
 from proxy.memory_routes import router as memory_router
 from proxy.observability import Metrics, ProxyMiddleware
-from proxy.protocol import invalid_from_errors, unparsable_body
+from proxy.protocol import invalid_from_errors
 from proxy.routes import chat_completions, public, router
 from proxy.serving import ChatService
 from proxy.settings import ModelConfig, Settings
@@ -166,8 +166,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         cause = exc.__cause__
         if isinstance(cause, ProxyError):  # e.g. the body limit, hit while FastAPI read it
             return respond(request, cause)
-        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            return respond(request, unparsable_body(cause))
         if exc.status_code == 404:
             path = request.url.path
             shown = path if len(path) <= 200 else f"{path[:200]}..."

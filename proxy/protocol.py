@@ -181,20 +181,6 @@ async def read_body(request: Request, model: type[B]) -> B:
     return validate(model, await read_object(request))
 
 
-def unparsable_body(cause: BaseException | None) -> InvalidRequestError:
-    """What FastAPI's own body parsing ("There was an error parsing the body") hit, said
-    plainly, for routes that still let FastAPI read their body."""
-    if isinstance(cause, UnicodeDecodeError):
-        return InvalidRequestError(f"The request body is not valid UTF-8: byte "
-                                   f"0x{cause.object[cause.start]:02x} at position {cause.start}.",
-                                   code="invalid_json")
-    if isinstance(cause, RecursionError):
-        return InvalidRequestError("The request body is nested too deeply for JSON.",
-                                   code="invalid_json")
-    return InvalidRequestError("The request body could not be read as JSON.",
-                               code="invalid_json")
-
-
 def invalid_from_validation(exc: ValidationError, body: Any) -> InvalidRequestError:
     return invalid_from_errors(exc.errors(), body)
 
