@@ -110,6 +110,7 @@ def _token(m: re.Match[str]) -> str:
     return "(" + re.sub(r"\s+", " ", re.sub(r"\s*/\s*", "/", name, count=1)).strip() + ")"
 
 
+@lru_cache(maxsize=8192)  # a memory's text is fixed per version and recalled again and again
 def neutralise(text: str) -> str:
     """Memory text made safe to inject (see the module docstring): one line, no fence
     tag, no role label at a line start, no control token; other text unchanged."""
