@@ -127,6 +127,10 @@ class LlamaCppBackend(ChatBackend):
         self.name = name
         self.path = path or default_model_path()
         self.n_ctx = n_ctx
+        # Marks message contents in a rendered template. Secret and random per process, so
+        # no content can forge it; fixed, so its pattern is compiled once.
+        self._stand_in_tag = secrets.token_hex(8)
+        self._stand_in = re.compile(f"\ue000{self._stand_in_tag}:(\\d+)\ue001")
         self.n_threads = n_threads or os.cpu_count() or 1
         self.states = states
         self.activation = ActivationStats()
@@ -366,10 +370,10 @@ class LlamaCppBackend(ChatBackend):
 
         The template is rendered with a stand-in for each content, so no content can
         pass for template text however it is written."""
-        tag = secrets.token_hex(8)
+        tag = self._stand_in_tag
         stand_ins = [{**m, "content": f"\ue000{tag}:{i}\ue001"} for i, m in enumerate(messages)]
         formatted = self._formatter(messages=stand_ins)
-        parts = re.split(f"\ue000{tag}:(\\d+)\ue001", formatted.prompt)
+        parts = self._stand_in.split(formatted.prompt)
         if sorted(int(i) for i in parts[1::2]) != list(range(len(messages))):
             # The template dropped or altered a content: take its text as rendered, as
             # llama.cpp's server does (memories are neutralised when injected anyway).
