@@ -164,8 +164,9 @@ class MemoryService:
 
     async def recall(self, turn: Turn, messages: list[dict[str, Any]]) -> Recall:
         options = turn.options
-        await self._check_write_cube(turn)
         if not self.config.enabled or not options.get("enabled", True):
+            if options.get("write_cube"):
+                await asyncio.to_thread(self._check_write_cube, turn)
             return Recall(messages=messages, degraded=self._write_degraded(turn))
         top_k = options.get("top_k", self.config.top_k)
         query = " ".join(new_user_turns(messages))
@@ -195,22 +196,22 @@ class MemoryService:
         return Recall(messages=inject(messages, block, prefix.message() if prefix else None),
                       memory_ids=injected, prefix=prefix, degraded=self._write_degraded(turn))
 
-    async def _check_write_cube(self, turn: Turn) -> None:
+    def _check_write_cube(self, turn: Turn) -> None:
         """A ``write_cube`` that does not exist is the request's fault: a 404 before the
         backend is called (and billed), not a failure after the reply."""
         cube = turn.options.get("write_cube")
         if not cube or not self.config.enabled or not turn.options.get("write", True):
             return
         try:
-            await asyncio.to_thread(self._check_cubes, turn.tenant, [cube],
-                                    param="memory.write_cube")
+            self._check_cubes(turn.tenant, [cube], param="memory.write_cube")
         except MemoryUnavailable:
             pass  # recorded anyway: the worker checks the cube again before it writes
 
     def _recall_hits(self, turn: Turn, query: str, top_k: int,
                      count: TokenCounter) -> tuple[list[Hit], Prefix | None]:
-        """One trip off the event loop: check the mounted cubes, read their activation
-        blocks, then search them."""
+        """One trip off the event loop: check the write cube and the mounted cubes, read
+        their activation blocks, then search them."""
+        self._check_write_cube(turn)
         cubes = self._cubes(turn)
         self._check_cubes(turn.tenant, cubes[1:], param="memory.cubes")
         prefix = None
