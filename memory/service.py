@@ -41,6 +41,7 @@ from memory.models import (
     text_key,
 )
 from memory.outbox import Exchange, Outbox, WriteBackWorker
+from memory.pieces import embed_with_pieces
 from memory.redact import redact
 from memory.retrieval import RetrievalConfig, Retriever
 from memory.store.base import Hit, MemoryStore, Scope
@@ -445,7 +446,12 @@ class MemoryService:
 
     def _write(self, items: Sequence[MemoryItem]) -> None:
         if items:
-            self.store.upsert(items, self.embedder.embed([i.text for i in items]))
+            texts = [i.text for i in items]
+            if self.store.multivector:  # one embedding batch for texts and their pieces
+                vectors, pieces = embed_with_pieces(self.embedder, texts)
+                self.store.upsert(items, vectors, pieces)
+            else:
+                self.store.upsert(items, self.embedder.embed(texts))
             for item in items:
                 cached = self._blocks.get((item.tenant, item.cube_id))
                 if cached is not None and (item.pinned or item.id in cached[0].memory_ids):

@@ -570,3 +570,91 @@ def test_server_store_from_an_unreachable_url_is_a_store_error() -> None:
     with pytest.raises(StoreError, match="cannot open Qdrant collection"):
         ServerStore.from_url("http://127.0.0.1:9", embedding_model=EMB.model_id, dim=EMB.dim,
                              check_compatibility=False)  # its check runs in a thread, and warns late
+
+
+# -- sentence pieces (multivector) ---------------------------------------------------
+
+PIECE_TEXTS = {
+    "m1": "We drove to the coast. The car broke down near a small fishing village.",
+    "m2": "The car broke down near a small fishing village, they say",
+}
+
+
+def put_with_pieces(store: MemoryStore, *items: MemoryItem) -> None:
+    from memory.pieces import embed_with_pieces
+
+    vectors, pieces = embed_with_pieces(EMB, [i.text for i in items])
+    store.upsert(items, vectors, pieces)
+
+
+def test_dense_search_scores_an_item_by_its_best_piece(store: MemoryStore) -> None:
+    assert store.multivector
+    put_with_pieces(store, *(mk(k, v) for k, v in PIECE_TEXTS.items()))
+    query = EMB.embed_one("The car broke down near a small fishing village.")
+    # By whole texts m2 (one sentence) would lead; m1 has a sentence that is the query.
+    assert cosine(query, EMB.embed_one(PIECE_TEXTS["m2"])) > cosine(query, EMB.embed_one(PIECE_TEXTS["m1"]))
+    hits = store.search_dense(Scope("t1"), query, 2)
+    assert ids(hits) == ["m1", "m2"]
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[1].score == pytest.approx(cosine(query, EMB.embed_one(PIECE_TEXTS["m2"])), abs=1e-5)
+
+
+def test_upsert_refuses_pieces_that_do_not_match_the_items(store: MemoryStore) -> None:
+    item = mk("m1", "one. two.")
+    with pytest.raises(ValueError, match="piece lists"):
+        store.upsert([item], EMB.embed([item.text]), [])
+    with pytest.raises(StoreMismatchError):
+        store.upsert([item], EMB.embed([item.text]), [[[0.0] * (EMB.dim + 1)]])
+
+
+def legacy_store(backend: Backend) -> MemoryStore:
+    """A store as written before pieces (schema 1: one plain vector per item)."""
+    from memory.store import _common as c
+
+    old_meta = c.meta(EMB.model_id, EMB.dim) | {"schema": 1}
+    if backend.client is not None:
+        from qdrant_client import models as m
+
+        backend.client.create_collection(
+            "memcube_memories",
+            vectors_config={c.DENSE: m.VectorParams(size=EMB.dim, distance=m.Distance.COSINE)},
+            sparse_vectors_config={c.SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
+            metadata={c.META_KEY: old_meta})
+    else:
+        from qdrant_edge import (
+            Distance,
+            EdgeConfig,
+            EdgeShard,
+            EdgeSparseVectorParams,
+            EdgeVectorParams,
+            Modifier,
+            Point,
+            UpdateOperation,
+        )
+
+        from memory.store.edge import _META_ID
+
+        shard = EdgeShard.create(str(backend.path), EdgeConfig(
+            vectors={c.DENSE: EdgeVectorParams(size=EMB.dim, distance=Distance.Cosine)},
+            sparse_vectors={c.SPARSE: EdgeSparseVectorParams(modifier=Modifier.Idf)}))
+        shard.update(UpdateOperation.upsert_points([Point(_META_ID, {}, {c.META_KEY: old_meta})]))
+        shard.flush()
+        shard.close()
+    return backend.open()
+
+
+def test_a_store_from_before_pieces_still_serves_by_whole_text(backend: Backend) -> None:
+    store = legacy_store(backend)
+    assert not store.multivector
+    from memory.pieces import embed_with_pieces
+
+    items = [mk(k, v) for k, v in PIECE_TEXTS.items()]
+    _, pieces = embed_with_pieces(EMB, [i.text for i in items])
+    assert pieces[0]
+    store.upsert(items, EMB.embed([i.text for i in items]), pieces)  # pieces ignored
+    query = EMB.embed_one("The car broke down near a small fishing village.")
+    hits = store.search_dense(Scope("t1"), query, 2)
+    assert ids(hits) == ["m2", "m1"]
+    for hit in hits:
+        assert hit.score == pytest.approx(cosine(query, EMB.embed_one(hit.item.text)), abs=1e-5)
+    assert not backend.open().multivector  # and it stays so across restarts

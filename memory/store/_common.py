@@ -4,7 +4,9 @@ Both backends store the same points, so a store moved from Qdrant Edge to a Qdra
 server (or compared with one in the congruence tests) behaves alike:
 
 - one point per version of an item, id ``point_id(item)``, named vectors ``dense``
-  (the caller's embedding, cosine) and ``bm25`` (sparse, IDF applied by Qdrant);
+  (cosine; since schema 2 a multivector scored by MaxSim: one vector per sentence
+  piece, see ``memory.pieces``, or the text's own for a single sentence) and ``bm25``
+  (sparse, IDF applied by Qdrant);
 - payload: every ``MemoryItem`` field at the top level, plus ``current``: 1 on the
   current version, 0 on the others. An integer, not a bool: qdrant-edge-py 0.9 reads
   ``MatchValue(True)`` as the integer 1, which matches no stored ``true``;
@@ -32,7 +34,9 @@ from memory.store.base import Hit, Scope, StoreMismatchError
 
 DENSE = "dense"
 SPARSE = "bm25"
-SCHEMA = 1
+#: 1: ``dense`` holds one vector per item; 2: a multivector (its pieces, or the text's).
+SCHEMA = 2
+MULTIVECTOR_SCHEMA = 2
 META_KEY = "memcube_store"
 
 #: Payload fields with an index: every memory filter uses some of them.
@@ -225,6 +229,7 @@ def touched(payload: dict[str, Any], times: int, at: int) -> dict[str, Any]:
     return {"access_count": int(payload.get("access_count") or 0) + times, "last_accessed_at": at}
 
 
+
 def cube_point_id(tenant: str, cube_id: str) -> str:
     return stable_id("cube-record", tenant, cube_id)
 
@@ -257,6 +262,32 @@ def check_meta(found: dict[str, Any] | None, embedding_model: str, dim: int, whe
             f"store at {where} was built with model {found['embedding_model']} "
             f"({found['dim']} dims); this proxy is configured with {embedding_model} ({dim} dims). "
             f"Configure the original embedding model, or give this one a new store location")
+
+
+def is_multivector(found: dict[str, Any]) -> bool:
+    """Whether a store with this metadata record keeps pieces (see ``SCHEMA``)."""
+    return int(found.get("schema", 1)) >= MULTIVECTOR_SCHEMA
+
+
+def dense_value(vector: Sequence[float], pieces: Sequence[Sequence[float]] | None, dim: int,
+                multivector: bool) -> list[float] | list[list[float]]:
+    """What an item's ``dense`` vector is: its own vector, or its pieces' where the
+    store keeps them and it has any."""
+    whole = check_vector(vector, dim)
+    if not multivector:
+        return whole
+    return [check_vector(p, dim) for p in pieces] if pieces else [whole]
+
+
+def check_pieces(items: Sequence[Any], vectors: Sequence[Any],
+                 pieces: Sequence[Any] | None) -> Sequence[Any]:
+    if len(items) != len(vectors):
+        raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
+    if pieces is None:
+        return [None] * len(items)
+    if len(pieces) != len(items):
+        raise ValueError(f"{len(items)} items but {len(pieces)} piece lists")
+    return pieces
 
 
 def check_vector(vector: Sequence[float], dim: int) -> list[float]:

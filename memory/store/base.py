@@ -51,12 +51,19 @@ class MemoryStore(ABC):
     #: Embedding model id and dimension the store was opened with.
     embedding_model: str
     dim: int
+    #: Whether an item with sentence pieces (``memory.pieces``) is stored with a vector
+    #: per piece, in place of its whole text's, and dense search scores it by the best.
+    #: Stores created before pieces existed hold one vector per item, and ignore pieces.
+    multivector: bool = False
 
     @abstractmethod
-    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]]) -> None:
+    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]],
+               pieces: Sequence[Sequence[Sequence[float]]] | None = None) -> None:
         """Write these versions (idempotent: same point id, same result). Each becomes the
         current version of its item id unless a higher version is already stored (a
-        replayed old write never rolls an item back); other versions stay, for history."""
+        replayed old write never rolls an item back); other versions stay, for history.
+        ``pieces``: per item, the vectors of its sentence pieces (kept where
+        ``multivector``)."""
 
     @abstractmethod
     def get(self, tenant: str, memory_id: str) -> MemoryItem | None:
@@ -81,7 +88,8 @@ class MemoryStore(ABC):
 
     @abstractmethod
     def search_dense(self, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:
-        """Nearest current items by cosine similarity, best first."""
+        """Nearest current items by cosine similarity (of their best piece, where
+        ``multivector``), best first."""
 
     @abstractmethod
     def search_sparse(self, scope: Scope, text: str, limit: int) -> list[Hit]:

@@ -44,6 +44,8 @@ from qdrant_edge import (
     MatchAny,
     MatchValue,
     Modifier,
+    MultiVectorComparator,
+    MultiVectorConfig,
     OrderBy,
     Point,
     Query,
@@ -129,12 +131,17 @@ class EdgeStore(MemoryStore):
                     _filter(c.Where((c.HasIds(chunk),))), {c.PINNED_FIELD: 1}))
             self._shard.flush()
         found = self._shard.retrieve([_META_ID], with_payload=True, with_vector=False)
+        record = (found[0].payload or {}).get(c.META_KEY) if found else None
         try:
-            c.check_meta((found[0].payload or {}).get(c.META_KEY) if found else None,
-                         embedding_model, dim, str(self.path), also_accept)
+            c.check_meta(record, embedding_model, dim, str(self.path), also_accept)
         except StoreError:
             self._shard.close()
             raise
+        self.multivector = c.is_multivector(record or {})
+        if not self.multivector:
+            log.info("memory store %s predates sentence pieces: its items are searched by "
+                     "their whole text only (export and import its cubes into a new store "
+                     "to search by sentence)", self.path)
         self._index_on_open()
 
     def _create(self, embedding_model: str, dim: int) -> None:
@@ -146,7 +153,9 @@ class EdgeStore(MemoryStore):
         shutil.rmtree(building, ignore_errors=True)
         try:
             shard = EdgeShard.create(str(building), EdgeConfig(
-                vectors={c.DENSE: EdgeVectorParams(size=dim, distance=Distance.Cosine)},
+                vectors={c.DENSE: EdgeVectorParams(
+                    size=dim, distance=Distance.Cosine,
+                    multivector_config=MultiVectorConfig(MultiVectorComparator.MaxSim))},
                 sparse_vectors={c.SPARSE: EdgeSparseVectorParams(modifier=Modifier.Idf)}))
         except Exception as exc:  # the binding raises bare Exception
             raise StoreError(f"cannot create Qdrant Edge store at {self.path}: {exc}") from exc
@@ -211,14 +220,15 @@ class EdgeStore(MemoryStore):
 
     # -- memory items ------------------------------------------------------------
 
-    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]]) -> None:
-        if len(items) != len(vectors):
-            raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
+    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]],
+               pieces: Sequence[Sequence[Sequence[float]]] | None = None) -> None:
+        per_item = c.check_pieces(items, vectors, pieces)
         points = []
-        for item, vector, current in zip(items, vectors, c.batch_currents(items), strict=True):
+        for item, vector, item_pieces, current in zip(
+                items, vectors, per_item, c.batch_currents(items), strict=True):
             indices, values = c.sparse_item(item)
             points.append(Point(c.point_id(item),
-                                {c.DENSE: c.check_vector(vector, self.dim),
+                                {c.DENSE: c.dense_value(vector, item_pieces, self.dim, self.multivector),
                                  c.SPARSE: SparseVector(indices, values)},
                                 c.item_payload(item, current=current)))
         if not points:
@@ -270,8 +280,12 @@ class EdgeStore(MemoryStore):
         if where is None or limit < 1:
             return []
         return self._hits(QueryRequest(
-            limit=limit, query=Query.Nearest(c.check_vector(vector, self.dim), using=c.DENSE),
+            limit=limit, query=Query.Nearest(self._dense_query(vector), using=c.DENSE),
             filter=_filter(where), with_payload=True, with_vector=False))
+
+    def _dense_query(self, vector: Sequence[float]) -> list[float] | list[list[float]]:
+        query = c.check_vector(vector, self.dim)
+        return [query] if self.multivector else query
 
     def search_sparse(self, scope: Scope, text: str, limit: int) -> list[Hit]:
         where = c.scope_where(scope)

@@ -24,6 +24,7 @@ class FaultyStore(MemoryStore):
         self.mode: Mode = mode
         self.embedding_model = inner.embedding_model
         self.dim = inner.dim
+        self.multivector = inner.multivector
         self.refused = 0  # calls failed on purpose, so a test can see the fault was hit
 
     def _read(self) -> None:
@@ -37,9 +38,10 @@ class FaultyStore(MemoryStore):
             self.refused += 1
             raise OSError(errno.EROFS, "injected fault: Read-only file system")
 
-    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]]) -> None:
+    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]],
+               pieces: Sequence[Sequence[Sequence[float]]] | None = None) -> None:
         self._write()
-        self.inner.upsert(items, vectors)
+        self.inner.upsert(items, vectors, pieces)
 
     def get(self, tenant: str, memory_id: str) -> MemoryItem | None:
         self._read()

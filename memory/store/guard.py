@@ -38,6 +38,7 @@ class GuardedStore(MemoryStore):
         self.inner = inner
         self.embedding_model = inner.embedding_model
         self.dim = inner.dim
+        self.multivector = inner.multivector
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
@@ -56,8 +57,9 @@ class GuardedStore(MemoryStore):
         # Backend extras (EdgeStore.optimize) stay reachable, unguarded.
         return getattr(self.inner, name)
 
-    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]]) -> None:
-        self._call(self.inner.upsert, items, vectors)
+    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]],
+               pieces: Sequence[Sequence[Sequence[float]]] | None = None) -> None:
+        self._call(self.inner.upsert, items, vectors, pieces)
 
     def get(self, tenant: str, memory_id: str) -> MemoryItem | None:
         return self._call(self.inner.get, tenant, memory_id)

@@ -30,7 +30,9 @@ class InMemoryStore(MemoryStore):
     def __init__(self, *, embedding_model: str, dim: int) -> None:
         self.embedding_model = embedding_model
         self.dim = dim
-        self._points: dict[str, tuple[MemoryItem, list[float]]] = {}
+        self.multivector = True
+        # Each point's vectors: its pieces', or its text's.
+        self._points: dict[str, tuple[MemoryItem, list[list[float]]]] = {}
         self._current: dict[tuple[str, str], str] = {}  # (tenant, id) -> point id
         self._cubes: dict[tuple[str, str], Cube] = {}
 
@@ -40,14 +42,17 @@ class InMemoryStore(MemoryStore):
                 f"store was built with {self.embedding_model} ({self.dim} dims), "
                 f"not {embedding_model} ({dim} dims)")
 
-    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]]) -> None:
-        for item, vector in zip(items, vectors, strict=True):
-            if len(vector) != self.dim:
+    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]],
+               pieces: Sequence[Sequence[Sequence[float]]] | None = None) -> None:
+        per_item = pieces if pieces is not None else [()] * len(items)
+        for item, vector, item_pieces in zip(items, vectors, per_item, strict=True):
+            every = [list(p) for p in item_pieces] or [list(vector)]
+            if len(vector) != self.dim or any(len(v) != self.dim for v in every):
                 raise StoreMismatchError(f"vector has {len(vector)} dims, store {self.dim}")
-            self._points[item.point_id] = (item.model_copy(deep=True), list(vector))
+            self._points[item.point_id] = (item.model_copy(deep=True), every)
             self._current[(item.tenant, item.id)] = item.point_id
 
-    def _currents(self, tenant: str) -> list[tuple[MemoryItem, list[float]]]:
+    def _currents(self, tenant: str) -> list[tuple[MemoryItem, list[list[float]]]]:
         return [self._points[p] for (t, _), p in self._current.items() if t == tenant]
 
     def get(self, tenant: str, memory_id: str) -> MemoryItem | None:
@@ -76,15 +81,15 @@ class InMemoryStore(MemoryStore):
         hot = sorted(active, key=lambda i: -i.access_count)[:limit]
         return list({i.id: i for i in [*pinned, *hot]}.values())
 
-    def _visible(self, scope: Scope) -> list[tuple[MemoryItem, list[float]]]:
+    def _visible(self, scope: Scope) -> list[tuple[MemoryItem, list[list[float]]]]:
         return [(i, v) for i, v in self._currents(scope.tenant)
                 if (scope.cube_ids is None or i.cube_id in scope.cube_ids)
                 and (scope.user is None or i.user == scope.user)
                 and i.status in scope.statuses]
 
     def search_dense(self, scope: Scope, vector: Sequence[float], limit: int) -> list[Hit]:
-        hits = [Hit(i, sum(a * b for a, b in zip(vector, v, strict=True)))
-                for i, v in self._visible(scope)]
+        hits = [Hit(i, max(sum(a * b for a, b in zip(vector, v, strict=True)) for v in vs))
+                for i, vs in self._visible(scope)]
         return sorted(hits, key=lambda h: h.score, reverse=True)[:limit]
 
     def search_sparse(self, scope: Scope, text: str, limit: int) -> list[Hit]:

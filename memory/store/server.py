@@ -119,7 +119,10 @@ class ServerStore(MemoryStore):
     def _ensure_collections(self) -> None:
         if not self.client.collection_exists(self.collection):
             self._create(self.collection, dict(
-                vectors_config={c.DENSE: m.VectorParams(size=self.dim, distance=m.Distance.COSINE)},
+                vectors_config={c.DENSE: m.VectorParams(
+                    size=self.dim, distance=m.Distance.COSINE,
+                    multivector_config=m.MultiVectorConfig(
+                        comparator=m.MultiVectorComparator.MAX_SIM))},
                 sparse_vectors_config={c.SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
                 metadata={c.META_KEY: c.meta(self.embedding_model, self.dim)}))
             self._index(self.collection, c.TENANT_FIELD,
@@ -139,8 +142,9 @@ class ServerStore(MemoryStore):
             self.client.set_payload(self.collection, {c.PINNED_FIELD: 1}, points=m.Filter(
                 must=[m.FieldCondition(key="pinned", match=m.MatchValue(value=True))]))
         where = f"{self.collection!r} ({self._location()})"
-        c.check_meta((info.config.metadata or {}).get(c.META_KEY), self.embedding_model, self.dim, where,
-                     self.also_accept)
+        record = (info.config.metadata or {}).get(c.META_KEY)
+        c.check_meta(record, self.embedding_model, self.dim, where, self.also_accept)
+        self.multivector = c.is_multivector(record or {})
         dense = info.config.params.vectors
         size = dense[c.DENSE].size if isinstance(dense, dict) and c.DENSE in dense else None
         if size != self.dim:
@@ -198,15 +202,16 @@ class ServerStore(MemoryStore):
     # -- memory items ------------------------------------------------------------
 
     @_needs_open
-    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]]) -> None:
-        if len(items) != len(vectors):
-            raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
+    def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]],
+               pieces: Sequence[Sequence[Sequence[float]]] | None = None) -> None:
+        per_item = c.check_pieces(items, vectors, pieces)
         points = []
-        for item, vector, current in zip(items, vectors, c.batch_currents(items), strict=True):
+        for item, vector, item_pieces, current in zip(
+                items, vectors, per_item, c.batch_currents(items), strict=True):
             indices, values = c.sparse_item(item)
             points.append(m.PointStruct(
                 id=c.point_id(item),
-                vector={c.DENSE: c.check_vector(vector, self.dim),
+                vector={c.DENSE: c.dense_value(vector, item_pieces, self.dim, self.multivector),
                         c.SPARSE: m.SparseVector(indices=indices, values=values)},
                 payload=c.item_payload(item, current=current)))
         if not points:
@@ -265,8 +270,12 @@ class ServerStore(MemoryStore):
         if where is None or limit < 1:
             return []
         return self._hits(self.client.query_points(
-            self.collection, query=c.check_vector(vector, self.dim), using=c.DENSE,
+            self.collection, query=self._dense_query(vector), using=c.DENSE,
             query_filter=_filter(where), limit=limit, with_payload=True, with_vectors=False).points)
+
+    def _dense_query(self, vector: Sequence[float]) -> list[float] | list[list[float]]:
+        query = c.check_vector(vector, self.dim)
+        return [query] if self.multivector else query
 
     @_needs_open
     def search_sparse(self, scope: Scope, text: str, limit: int) -> list[Hit]:
