@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -228,6 +229,16 @@ def ranked(hits: list[Hit]) -> list[Hit]:
 def touched(payload: dict[str, Any], times: int, at: int) -> dict[str, Any]:
     return {"access_count": int(payload.get("access_count") or 0) + times, "last_accessed_at": at}
 
+
+def touch_groups(found: Iterable[tuple[str, dict[str, Any]]], times: Counter[str],
+                 at: int) -> list[tuple[list[str], dict[str, Any]]]:
+    """The points of a touch grouped by their new counts: one payload update per group,
+    not per point (a recall's items are often at the same count)."""
+    groups: dict[int, tuple[list[str], dict[str, Any]]] = {}
+    for point_id, payload in found:
+        new = touched(payload, times[payload["id"]], at)
+        groups.setdefault(new["access_count"], ([], new))[0].append(point_id)
+    return list(groups.values())
 
 
 def cube_point_id(tenant: str, cube_id: str) -> str:

@@ -313,10 +313,9 @@ class EdgeStore(MemoryStore):
         with self._lock:
             for chunk in c.chunks(sorted(times)):
                 where = c.tenant_where(tenant, c.MatchIn("id", chunk), current=True)
-                for point_id, payload in list(self._scroll(where, ["id", "access_count"])):
-                    self._shard.update(UpdateOperation.set_payload_by_filter(
-                        _filter(c.tenant_where(tenant, c.HasIds((point_id,)))),
-                        c.touched(payload, times[payload["id"]], at)))
+                found = list(self._scroll(where, ["id", "access_count"]))
+                for point_ids, payload in c.touch_groups(found, times, at):
+                    self._shard.update(UpdateOperation.set_payload(list(point_ids), payload))
 
     def purge_user(self, tenant: str, user: str) -> int:
         with self._lock:

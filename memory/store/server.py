@@ -307,9 +307,10 @@ class ServerStore(MemoryStore):
         times = Counter(memory_ids)
         for chunk in c.chunks(sorted(times)):
             where = c.tenant_where(tenant, c.MatchIn("id", chunk), current=True)
-            for point_id, payload in list(self._scroll(self.collection, where, ["id", "access_count"])):
-                self.client.set_payload(self.collection, c.touched(payload, times[payload["id"]], at),
-                                        points=_filter(c.tenant_where(tenant, c.HasIds((point_id,)))))
+            found = list(self._scroll(self.collection, where, ["id", "access_count"]))
+            for point_ids, payload in c.touch_groups(found, times, at):
+                # The ids come from the tenant's own points (the scroll above).
+                self.client.set_payload(self.collection, payload, points=list(point_ids))
 
     @_needs_open
     def purge_user(self, tenant: str, user: str) -> int:
