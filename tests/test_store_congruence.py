@@ -344,6 +344,12 @@ def test_touch_counts_accesses_without_a_new_version(store: MemoryStore) -> None
     assert m2 is not None and (m2.access_count, m2.last_accessed_at) == (1, T0 + 200)
     store.touch("t2", ["m1"], T0 + 300)
     assert store.get("t1", "m1") == got
+    # Points reaching the same count share one update; others get their own.
+    put(store, mk("m3", "third"), mk("m4", "fourth"), mk("m5", "fifth"))
+    store.touch("t1", ["m3", "m4", "m5", "m5", "m2"], T0 + 400)
+    counts = {k: store.get("t1", k) for k in ("m2", "m3", "m4", "m5")}
+    assert {k: (v.access_count, v.last_accessed_at) for k, v in counts.items() if v} == {
+        "m2": (2, T0 + 400), "m3": (1, T0 + 400), "m4": (1, T0 + 400), "m5": (2, T0 + 400)}
 
 
 def test_block_candidates_are_pinned_and_most_accessed_active_items(store: MemoryStore) -> None:
