@@ -7,15 +7,20 @@ For each size, one tenant's store is filled to that many memories, then:
 - recall: ``MemoryService.recall`` (embed the query, dense + BM25 search, fuse, pack
   the block with tiktoken) for ``--queries`` questions: p50/p95;
 - write-back: ``remember`` of ``--writes`` exchanges (fast mode) and ``flush``: memories/s
-  from the first append to the last upsert;
+  from the first append to the last upsert, for user turns of one to three sentences
+  (``writeback_per_s``) and of one sentence (``writeback_one_sentence_per_s``, no
+  pieces: the embedding work of a store without them);
 - then a restart: the store is closed and opened again, which builds Qdrant Edge's
   search index over what was written (``reopen_s``), and both are measured again
   (``after_restart``). The first figures are a long-running process's worst case
   (everything written since its start is searched by a full scan), the second a
   freshly started one's.
-Filling 100k memories by embedding each would take minutes, so the fill embeds a
-pool of 2,000 distinct sentences and stores the rest as noisy copies of their vectors
-(texts stay distinct, so BM25 sees a real index). Progress on stderr; one JSON line.
+Memories are one to three sentences (LoCoMo turns average about three), so the store
+keeps a vector per sentence piece as well (``memory.pieces``). Filling 100k memories
+by embedding each would take minutes, so the fill embeds a pool of 2,000 distinct
+sentences and stores the rest as noisy copies of their vectors, pieces included
+(texts stay distinct, so BM25 sees a real index). Write-back embeds for real.
+Progress on stderr; one JSON line.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ from memory.inject import tiktoken_counter  # noqa: E402
 from memory.layer import Turn  # noqa: E402
 from memory.models import MemoryItem, default_cube_id  # noqa: E402
 from memory.outbox import Outbox  # noqa: E402
+from memory.pieces import pieces  # noqa: E402
 from memory.service import MemoryConfig, MemoryService  # noqa: E402
 from memory.store.edge import EdgeStore  # noqa: E402
+from memory.store.guard import GuardedStore  # noqa: E402
 
 PEOPLE = ["Alice", "Bob", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun"]
 VERBS = ["visited", "painted", "cooked", "read about", "bought", "planned a trip to",
@@ -63,7 +70,18 @@ def log(msg: str) -> None:
 
 def sentence(rng: random.Random, n: int) -> str:
     return (f"{rng.choice(PEOPLE)} {rng.choice(VERBS)} {rng.choice(THINGS)} "
-            f"{rng.choice(WHEN)} (note {n})")
+            f"{rng.choice(WHEN)} (note {n}).")
+
+
+def memory_text(rng: random.Random, n: int) -> str:
+    return " ".join(sentence(rng, n) for _ in range(rng.randint(1, 3)))
+
+
+def noisy(pool: np.ndarray, k: int, rng: random.Random, seed: int) -> np.ndarray:
+    base = pool[rng.choices(range(len(pool)), k=k)]
+    out = base + np.random.default_rng(seed).normal(0, 0.02, base.shape)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out
 
 
 def fill(store: EdgeStore, embedder: MiniLMEmbedder, tenant: str, user: str, size: int,
@@ -72,11 +90,12 @@ def fill(store: EdgeStore, embedder: MiniLMEmbedder, tenant: str, user: str, siz
     for lo in range(start, size, 1000):
         hi = min(size, lo + 1000)
         items = [MemoryItem(id=f"00000000-0000-4000-8000-{n:012d}", tenant=tenant, cube_id=cube,
-                            user=user, text=sentence(rng, n)) for n in range(lo, hi)]
-        base = pool[rng.choices(range(len(pool)), k=len(items))]
-        noisy = base + np.random.default_rng(lo).normal(0, 0.02, base.shape)
-        noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
-        store.upsert(items, noisy.tolist())
+                            user=user, text=memory_text(rng, n)) for n in range(lo, hi)]
+        counts = [len(pieces(i.text)) for i in items]
+        vectors = noisy(pool, len(items), rng, lo).tolist()
+        flat = noisy(pool, sum(counts), rng, 10**9 + lo).tolist()
+        split = [flat[sum(counts[:j]):sum(counts[:j + 1])] for j in range(len(items))]
+        store.upsert(items, vectors, split)
         if hi % 10000 == 0 or hi == size:
             log(f"filled {hi}/{size}")
 
@@ -89,16 +108,17 @@ async def measure(service: MemoryService, queries: list[str], writes: int,
         t0 = time.perf_counter()
         await service.recall(turn, [{"role": "user", "content": q}])
         latencies.append((time.perf_counter() - t0) * 1000)
-    t0 = time.perf_counter()
-    for n in range(writes):
-        turn = Turn(request_id=f"w{rng.random()}", tenant=tenant, user=user, session_id="s",
-                    model="m")
-        await service.remember(turn, [{"role": "user", "content": sentence(rng, 10**9 + n)}], "ok")
-    await service.flush()
-    write_s = time.perf_counter() - t0
-    q = statistics.quantiles(latencies, n=100, method="inclusive")
-    return {"recall_p50_ms": round(q[49], 2), "recall_p95_ms": round(q[94], 2),
-            "writeback_per_s": round(writes / write_s, 1)}
+    rates: dict[str, float] = {}
+    for name, text in (("writeback_per_s", memory_text), ("writeback_one_sentence_per_s", sentence)):
+        t0 = time.perf_counter()
+        for n in range(writes):
+            turn = Turn(request_id=f"w{rng.random()}", tenant=tenant, user=user, session_id="s",
+                        model="m")
+            await service.remember(turn, [{"role": "user", "content": text(rng, 10**9 + n)}], "ok")
+        await service.flush()
+        rates[name] = round(writes / (time.perf_counter() - t0), 1)
+    pct = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"recall_p50_ms": round(pct[49], 2), "recall_p95_ms": round(pct[94], 2), **rates}
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
@@ -125,13 +145,14 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     have = 0
     for size in args.sizes:
         t0 = time.perf_counter()
-        assert isinstance(service.store, EdgeStore)
-        fill(service.store, embedder, tenant, user, size, have, rng, pool)
+        edge = service.store.inner if isinstance(service.store, GuardedStore) else service.store
+        assert isinstance(edge, EdgeStore)
+        fill(edge, embedder, tenant, user, size, have, rng, pool)
         have = size
         log(f"size {size}: filled in {time.perf_counter() - t0:.1f}s; measuring")
         figures: dict[str, object] = dict(
             await measure(service, queries, args.writes, tenant, user, rng))
-        have += args.writes
+        have += 2 * args.writes
         log(f"size {size}: {figures}; restarting")
         await service.stop()
         service.outbox.close()
@@ -141,7 +162,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         figures["reopen_s"] = round(time.perf_counter() - t0, 2)
         await service.start()
         figures["after_restart"] = await measure(service, queries, args.writes, tenant, user, rng)
-        have += args.writes
+        have += 2 * args.writes
         results[str(size)] = figures
         log(f"size {size}: {figures}")
     await service.stop()
