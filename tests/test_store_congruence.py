@@ -203,6 +203,43 @@ def test_search_scope_filters_cube_user_and_status(store: MemoryStore) -> None:
     assert found(Scope("t1", cube_ids=[])) == set()
     assert found(Scope("t1", statuses=())) == set()
     assert found(Scope("t1", cube_ids=["c9"])) == set()
+    # Cube scopes (recall's: one condition on scope keys) with statuses, and a new
+    # version that moves an item to another cube and status.
+    assert found(Scope("t1", cube_ids=["c1", "c2"], statuses=("active", "archived"))) == {
+        "a", "b", "c", "d"}
+    put(store, mk("a", "rust memory safety", user="u1", cube="c2", status="archived", version=2))
+    assert found(Scope("t1", cube_ids=["c1"])) == {"b"}
+    assert found(Scope("t1", cube_ids=["c2"], statuses=("archived",))) == {"a"}
+    assert found(Scope("t2", cube_ids=["c1", "c2"])) == set()
+
+
+def test_a_store_from_before_scope_keys_gets_them_at_open(backend: Backend) -> None:
+    from memory.store import _common as c
+
+    store = backend.open()
+    scoped_corpus(store)
+    put(store, mk("b", "rust borrow checker v2", user="u2", cube="c1", version=2))
+    # What a store written before the fields looks like: no indexes, no fields.
+    if backend.client is not None:
+        for field in c.SCOPE_FIELDS:
+            backend.client.delete_payload_index("memcube_memories", field)
+        from qdrant_client import models as m
+
+        backend.client.delete_payload("memcube_memories", list(c.SCOPE_FIELDS),
+                                      points=m.FilterSelector(filter=m.Filter()))
+    else:
+        from qdrant_edge import Filter, UpdateOperation
+
+        shard = store._shard  # type: ignore[attr-defined]
+        for field in c.SCOPE_FIELDS:
+            shard.update(UpdateOperation.delete_field_index(field))
+        shard.update(UpdateOperation.delete_payload_by_filter(Filter(must=[]), list(c.SCOPE_FIELDS)))
+    assert store.search_sparse(Scope("t1", cube_ids=["c1"]), "rust", 10) == []
+    store = backend.open()
+    hits = store.search_sparse(Scope("t1", cube_ids=["c1"]), "rust", 10)
+    assert {h.item.id: h.item.version for h in hits} == {"a": 1, "b": 2}
+    assert set(ids(store.search_dense(Scope("t1", cube_ids=["c1", "c2"]), EMB.embed_one("rust"), 10))) == {
+        "a", "b", "c"}
 
 
 def test_list_items_and_count_filter_by_user_cube_and_status(store: MemoryStore) -> None:

@@ -14,7 +14,8 @@ server (or compared with one in the congruence tests) behaves alike:
 
 Filters are built here once, as small backend-neutral ``Where`` values that each
 backend translates to its own filter classes. Every ``Where`` for memory points
-starts with the tenant condition: isolation lives in this module.
+starts with the tenant condition, or (a search of given cubes) matches only scope
+keys that begin with the tenant: isolation lives in this module.
 """
 
 from __future__ import annotations
@@ -43,10 +44,22 @@ META_KEY = "memcube_store"
 #: Payload fields with an index: every memory filter uses some of them.
 #: ``models.text_key`` of the item's text: exact duplicates by one index lookup.
 TEXT_KEY_FIELD = "text_key"
-KEYWORD_INDEXES = ("id", "cube_id", "user", "status", TEXT_KEY_FIELD)
+#: A current item's tenant, cube and status in one keyword (``scope_key``); "" on
+#: other versions. A search of some cubes is then one condition, not four: Qdrant
+#: checks a filter of several conditions point by point, which took 3-4 ms of a 6 ms
+#: dense search over 10k points not yet indexed, where one indexed condition reads
+#: its postings (0 ms more than no filter at all).
+SCOPE_FIELD = "scope_key"
+#: A current item's tenant; "" on other versions: the corpus BM25's IDF is measured
+#: over, as one condition (about 1.5 ms less per sparse search at 10k than two).
+TENANT_CURRENT_FIELD = "tenant_current"
+KEYWORD_INDEXES = ("id", "cube_id", "user", "status", TEXT_KEY_FIELD, SCOPE_FIELD,
+                   TENANT_CURRENT_FIELD)
+#: Fields a store from before them gets on its current items when opened.
+SCOPE_FIELDS = (SCOPE_FIELD, TENANT_CURRENT_FIELD)
 TENANT_FIELD = "tenant"
 CURRENT_FIELD = "current"
-UNFLAG: dict[str, Any] = {CURRENT_FIELD: 0}
+UNFLAG: dict[str, Any] = {CURRENT_FIELD: 0, SCOPE_FIELD: "", TENANT_CURRENT_FIELD: ""}
 CUBE_TENANT_FIELD = "cube.tenant"
 
 # Memory items are a sentence or two, not the 256-token documents BM25's default
@@ -99,10 +112,18 @@ def tenant_where(tenant: str, *conds: Cond, current: bool | None = None) -> Wher
     return Where(tuple(must) + conds)
 
 
+def scope_key(tenant: str, cube_id: str, status: str) -> str:
+    return f"{tenant}\x1f{cube_id}\x1f{status}"
+
+
 def scope_where(scope: Scope) -> Where | None:
     """The filter of a search, or None when the scope can see nothing at all."""
     if not scope.statuses or (scope.cube_ids is not None and not scope.cube_ids):
         return None
+    if scope.cube_ids is not None and scope.user is None:  # recall's scope: one condition
+        return Where((MatchIn(SCOPE_FIELD, tuple(
+            scope_key(scope.tenant, cube, status)
+            for cube in scope.cube_ids for status in scope.statuses)),))
     conds: list[Cond] = [MatchIn("status", tuple(scope.statuses))]
     if scope.cube_ids is not None:
         conds.append(MatchIn("cube_id", tuple(scope.cube_ids)))
@@ -147,8 +168,9 @@ def active_where(tenant: str, cube_id: str) -> Where:
 
 def idf_corpus(tenant: str) -> Where:
     """IDF is measured over the tenant's current items: other tenants' words and
-    superseded versions must not move a tenant's ranking."""
-    return tenant_where(tenant, current=True)
+    superseded versions must not move a tenant's ranking. (Statistics only: the
+    tenant's key is the tenant itself.)"""
+    return Where((Match(TENANT_CURRENT_FIELD, tenant),))
 
 
 def cube_where(tenant: str) -> Where:
@@ -169,10 +191,27 @@ def point_id(item: MemoryItem) -> str:
 
 def item_payload(item: MemoryItem, *, current: bool) -> dict[str, Any]:
     payload = item.model_dump(mode="json")
-    payload[CURRENT_FIELD] = int(current)
     payload[TEXT_KEY_FIELD] = text_key(item.text)
     payload[PINNED_FIELD] = int(item.pinned)
+    payload |= scope_fields(item.tenant, item.cube_id, item.status) if current else UNFLAG
+    payload[CURRENT_FIELD] = int(current)
     return payload
+
+
+def scope_fields(tenant: str, cube_id: str, status: str) -> dict[str, Any]:
+    return {SCOPE_FIELD: scope_key(tenant, cube_id, status), TENANT_CURRENT_FIELD: tenant}
+
+
+def scope_groups(found: Iterable[tuple[str, dict[str, Any]]]
+                 ) -> list[tuple[list[str], dict[str, Any]]]:
+    """Current points grouped by the ``SCOPE_FIELDS`` their payload gives (tenant,
+    cube_id, status), with those fields: what a store from before them sets."""
+    groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    for point_id, p in found:
+        if "tenant" in p and "cube_id" in p and "status" in p:
+            fields = scope_fields(p["tenant"], p["cube_id"], p["status"])
+            groups.setdefault(fields[SCOPE_FIELD], ([], fields))[0].append(point_id)
+    return list(groups.values())
 
 
 def payload_item(payload: dict[str, Any]) -> MemoryItem:

@@ -130,6 +130,14 @@ class EdgeStore(MemoryStore):
                 self._shard.update(UpdateOperation.set_payload_by_filter(
                     _filter(c.Where((c.HasIds(chunk),))), {c.PINNED_FIELD: 1}))
             self._shard.flush()
+        if any(f not in schema for f in c.SCOPE_FIELDS):  # likewise; current items get them
+            for field in c.SCOPE_FIELDS:
+                self._shard.update(UpdateOperation.create_field_index(field, KeywordIndexParams()))
+            current = self._scroll(c.Where((c.Match(c.CURRENT_FIELD, 1),)), ["tenant", "cube_id", "status"])
+            for point_ids, fields in c.scope_groups(current):
+                for chunk in c.chunks(point_ids):
+                    self._shard.update(UpdateOperation.set_payload(list(chunk), fields))
+            self._shard.flush()
         found = self._shard.retrieve([_META_ID], with_payload=True, with_vector=False)
         record = (found[0].payload or {}).get(c.META_KEY) if found else None
         try:
