@@ -1,16 +1,19 @@
 """Dates named in a query, as time windows to favour memories from.
 
 "What did Nate cook on 9 November, 2022?" is about what was said around that day,
-not about every mention of cooking. Only absolute dates are read (a day, a month, a
-year), in the usual English spellings; they are taken as UTC days. A regex per form
-is enough, and at about 10 us per query it costs recall nothing; a general date
-parser (dateparser) takes milliseconds and reads dates into words such as "may".
+not about every mention of cooking. Read are absolute dates (a day, a month, a year)
+in the usual English spellings, and dates relative to the query's own time ("today",
+"yesterday", "3 days ago", "last week", "this month", "last year"); days are UTC days.
+A regex per form is enough, and at about 10 us per query it costs recall nothing; a
+general date parser (dateparser) takes milliseconds and reads dates into words such
+as "may".
 """
 
 from __future__ import annotations
 
 import calendar
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
@@ -35,6 +38,56 @@ _FORMS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+_NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
+            "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+_COUNT = r"(\d{1,3}|an?|one|two|three|four|five|six|seven|eight|nine|ten)"
+_RELATIVE = re.compile(
+    rf"\b(?:(today)|(yesterday)|(?:the\s+)?day\s+before\s+(yesterday)"
+    rf"|{_COUNT}\s+(day|week|month|year)s?\s+ago"
+    rf"|(last|this|past)\s+(week|month|year))\b", re.I)
+
+
+def _month_start(day: datetime, back: int) -> datetime:
+    index = day.year * 12 + day.month - 1 - back
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
+def _relative(m: re.Match[str], today: datetime) -> Window:
+    """A window for one relative expression, ``today`` being the query's UTC day."""
+    def span(start: datetime, end: datetime) -> Window:
+        return int(start.timestamp()), int(end.timestamp())
+
+    day = timedelta(days=1)
+    week_start = today - timedelta(days=today.weekday())
+    if m.group(1):
+        return span(today, today + day)
+    if m.group(2):
+        return span(today - day, today)
+    if m.group(3):
+        return span(today - 2 * day, today - day)
+    if m.group(4):
+        n, unit = _NUMBERS.get(m.group(4).lower()) or int(m.group(4)), m.group(5).lower()
+        if unit == "day":
+            return span(today - n * day, today - (n - 1) * day)
+        if unit == "week":
+            return span(week_start - n * 7 * day, week_start - (n - 1) * 7 * day)
+        if unit == "month":
+            return span(_month_start(today, n), _month_start(today, n - 1))
+        return span(datetime(today.year - n, 1, 1, tzinfo=UTC),
+                    datetime(today.year - n + 1, 1, 1, tzinfo=UTC))
+    which, unit = m.group(6).lower(), m.group(7).lower()
+    if which == "past":  # the past week: the seven days before today, and today
+        length = {"week": 7, "month": 30, "year": 365}[unit]
+        return span(today - length * day, today + day)
+    back = 1 if which == "last" else 0
+    if unit == "week":
+        return span(week_start - back * 7 * day, week_start + (1 - back) * 7 * day)
+    if unit == "month":
+        return span(_month_start(today, back), _month_start(today, back - 1))
+    return span(datetime(today.year - back, 1, 1, tzinfo=UTC),
+                datetime(today.year - back + 1, 1, 1, tzinfo=UTC))
+
+
 def _day(year: int, month: int, day: int) -> Window:
     start = datetime(year, month, day, tzinfo=UTC)
     return int(start.timestamp()), int((start + timedelta(days=1)).timestamp())
@@ -56,10 +109,16 @@ def _window(kind: str, g: tuple[str, ...]) -> Window:
             int(datetime(year + 1, 1, 1, tzinfo=UTC).timestamp()))
 
 
+def date_windows(text: str, at: float | None = None) -> tuple[Window, ...]:
+    """The [start, end) epoch-second windows of the dates ``text`` names: absolute ones
+    in order of their kind (days first), then of appearance; then relative ones, taken
+    from the UTC day of ``at`` (default: now). Impossible dates are skipped."""
+    day = int(time.time() if at is None else at) // 86_400
+    return _windows(text, day)
+
+
 @lru_cache(maxsize=4096)
-def date_windows(text: str) -> tuple[Window, ...]:
-    """The [start, end) epoch-second windows of the dates ``text`` names, in order of
-    their kind (days first), then of appearance. Impossible dates are skipped."""
+def _windows(text: str, day: int) -> tuple[Window, ...]:
     found: list[Window] = []
     taken: list[tuple[int, int]] = []
     for pattern, kind in _FORMS:
@@ -71,6 +130,12 @@ def date_windows(text: str) -> tuple[Window, ...]:
                 found.append(_window(kind, m.groups()))
             except ValueError:  # 31 February, month 13
                 continue
+    today = datetime.fromtimestamp(day * 86_400, UTC)
+    for m in _RELATIVE.finditer(text):
+        try:
+            found.append(_relative(m, today))
+        except (ValueError, OverflowError):  # 999 years ago
+            continue
     return tuple(found)
 
 

@@ -4,6 +4,7 @@ date and conversation evidence; then the retriever over a store."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -40,7 +41,7 @@ def ts(year: int, month: int, day: int) -> int:
                                            (ts(2020, 3, 1), ts(2020, 4, 1))]),
 ])
 def test_dates_in_a_query_become_windows(text: str, expected: list[tuple[int, int]]) -> None:
-    assert list(date_windows(text)) == expected
+    assert list(date_windows(text, NOW)) == expected
 
 
 @pytest.mark.parametrize("text", [
@@ -52,7 +53,39 @@ def test_dates_in_a_query_become_windows(text: str, expected: list[tuple[int, in
     "room 1999 in building 7",
 ])
 def test_text_without_a_date_gives_no_window(text: str) -> None:
-    assert date_windows(text) == ()
+    assert date_windows(text, NOW) == ()
+
+
+NOW = datetime(2026, 11, 24, 15, 30, tzinfo=UTC).timestamp()  # a Tuesday afternoon
+
+
+@pytest.mark.parametrize(("text", "start", "end"), [
+    ("What did I tell you today?", (2026, 11, 24), (2026, 11, 25)),
+    ("what did we say yesterday", (2026, 11, 23), (2026, 11, 24)),
+    ("the day before yesterday", (2026, 11, 22), (2026, 11, 23)),
+    ("3 days ago", (2026, 11, 21), (2026, 11, 22)),
+    ("a day ago", (2026, 11, 23), (2026, 11, 24)),
+    ("last week", (2026, 11, 16), (2026, 11, 23)),  # the calendar week before, from Monday
+    ("this week", (2026, 11, 23), (2026, 11, 30)),
+    ("two weeks ago", (2026, 11, 9), (2026, 11, 16)),
+    ("the past week", (2026, 11, 17), (2026, 11, 25)),
+    ("last month", (2026, 10, 1), (2026, 11, 1)),
+    ("this month", (2026, 11, 1), (2026, 12, 1)),
+    ("13 months ago", (2025, 10, 1), (2025, 11, 1)),
+    ("last year", (2025, 1, 1), (2026, 1, 1)),
+    ("2 years ago", (2024, 1, 1), (2025, 1, 1)),
+])
+def test_relative_dates_are_taken_from_the_query_time(
+        text: str, start: tuple[int, int, int], end: tuple[int, int, int]) -> None:
+    assert date_windows(text, NOW) == ((ts(*start), ts(*end)),)
+
+
+def test_relative_dates_follow_the_clock() -> None:
+    assert date_windows("yesterday", NOW + DAY) == ((ts(2026, 11, 24), ts(2026, 11, 25)),)
+    assert date_windows("on 9 Nov 2022, not last year", NOW) == (
+        (ts(2022, 11, 9), ts(2022, 11, 10)), (ts(2025, 1, 1), ts(2026, 1, 1)))
+    assert date_windows("5000 years ago", NOW) == ()  # before year 1: no window
+    assert date_windows("last weekend I read", NOW) == ()  # not "last week"
 
 
 def test_a_date_is_read_once_as_a_day_not_also_as_its_month() -> None:
@@ -236,5 +269,10 @@ def test_retriever_finds_a_memory_by_one_of_its_sentences_and_by_its_date() -> N
     # Two cakes of a party; the date picks the one baked that day.
     assert retriever.search(scope, "What did I bake on 2 May 2023?", 1)[0].item.id == "cake"
     assert retriever.search(scope, "What did I bake in March 2023?", 1)[0].item.id == "bread"
+    # Relative to now: yesterday's bake over the one of last spring.
+    pie = item("pie", "I baked an apple pie for the party.", at=int(time.time()) - DAY,
+               session="s4")
+    store.upsert([pie], emb.embed([pie.text]))
+    assert retriever.search(scope, "What did I bake yesterday?", 1)[0].item.id == "pie"
     assert retriever.search(scope, "   ", 3) == []
     assert retriever.search(scope, "cake", 0) == []
