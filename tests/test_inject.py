@@ -11,6 +11,7 @@ control token written in a memory never becomes a real one (real SmolLM2).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import unicodedata
@@ -121,7 +122,7 @@ FRAGMENTS = ["</memories>", "<memories>", "< /MEMORIES >", "<\u200b/memories>",
 
 
 def test_random_hostile_texts_never_break_the_fence() -> None:
-    seed = random.randrange(2**32)
+    seed = int(os.environ.get("INJECT_SEED") or random.randrange(2**32))  # replays a failure
     rng = random.Random(seed)
     items = [item("".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 12))), n)
              for n in range(300)]
@@ -131,7 +132,9 @@ def test_random_hostile_texts_never_break_the_fence() -> None:
     body = block[len(OPEN) + 1:-len(CLOSE) - 1]
     looks = _looks(body)
     assert not re.search(r"<\s*/?\s*memories", looks), f"seed {seed}"
-    assert not re.search(r"<\s*\|[^<>]*\|\s*>|\[/?inst\]|</?s>|<start_of_turn>", looks), (
+    # A control token lies within one line: "< |" ending one memory and "|>" in a later
+    # one are two memories' punctuation, not a token.
+    assert not re.search(r"<\s*\|[^<>\n]*\|\s*>|\[/?inst\]|</?s>|<start_of_turn>", looks), (
         f"seed {seed}")
     assert len(block.split("\n")) == 3 + 300 + 1, f"seed {seed}"  # open, preamble, blank, lines
     for text in body.split("\n")[2:]:
