@@ -242,6 +242,35 @@ def test_a_store_from_before_scope_keys_gets_them_at_open(backend: Backend) -> N
         "a", "b", "c"}
 
 
+def test_items_written_without_scope_keys_get_them_at_the_next_open(backend: Backend) -> None:
+    """What an older replica on the same Qdrant writes after an upgraded one created
+    the indexes: items without keys, given theirs when a store opens."""
+    from memory.store import _common as c
+
+    store = backend.open()
+    scoped_corpus(store)
+    keyless = mk("k", "rust from an older replica", user="u1", cube="c1")
+    payload = {k: v for k, v in c.item_payload(keyless, current=True).items() if k not in c.SCOPE_FIELDS}
+    vector = EMB.embed_one(keyless.text)
+    indices, values = c.sparse_item(keyless)
+    if backend.client is not None:
+        from qdrant_client import models as m
+
+        backend.client.upsert("memcube_memories", [m.PointStruct(
+            id=c.point_id(keyless), payload=payload, vector={
+                c.DENSE: [vector], c.SPARSE: m.SparseVector(indices=indices, values=values)})])
+    else:
+        from qdrant_edge import Point, SparseVector, UpdateOperation
+
+        store._shard.update(UpdateOperation.upsert_points([Point(  # type: ignore[attr-defined]
+            c.point_id(keyless), {c.DENSE: [vector], c.SPARSE: SparseVector(indices, values)}, payload)]))
+    scope = Scope("t1", cube_ids=["c1"])
+    assert "k" not in ids(store.search_sparse(scope, "rust", 10))
+    store = backend.open()
+    assert set(ids(store.search_sparse(scope, "rust", 10))) == {"a", "b", "k"}
+    assert set(ids(store.search_dense(scope, vector, 10))) == {"a", "b", "k"}
+
+
 def test_list_items_and_count_filter_by_user_cube_and_status(store: MemoryStore) -> None:
     scoped_corpus(store)
 

@@ -95,7 +95,14 @@ class HasIds:
     ids: tuple[str, ...]
 
 
-Cond = Match | MatchIn | HasIds
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """The field is absent (or null, or an empty list)."""
+
+    key: str
+
+
+Cond = Match | MatchIn | HasIds | Missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +207,12 @@ def item_payload(item: MemoryItem, *, current: bool) -> dict[str, Any]:
 
 def scope_fields(tenant: str, cube_id: str, status: str) -> dict[str, Any]:
     return {SCOPE_FIELD: scope_key(tenant, cube_id, status), TENANT_CURRENT_FIELD: tenant}
+
+
+def unkeyed_where() -> Where:
+    """Current points without search keys: a store's from before them, or written by an
+    older replica since; each open gives them their keys."""
+    return Where((Match(CURRENT_FIELD, 1), Missing(SCOPE_FIELD)))
 
 
 def scope_groups(found: Iterable[tuple[str, dict[str, Any]]]

@@ -40,6 +40,7 @@ from qdrant_edge import (
     HasIdCondition,
     IdfParams,
     IntegerIndexParams,
+    IsEmptyCondition,
     KeywordIndexParams,
     MatchAny,
     MatchValue,
@@ -74,6 +75,8 @@ def _filter(where: c.Where) -> Filter:
             return FieldCondition(x.key, match=MatchValue(x.value))
         if isinstance(x, c.MatchIn):
             return FieldCondition(x.key, match=MatchAny(list(x.values)))
+        if isinstance(x, c.Missing):
+            return IsEmptyCondition(x.key)
         return HasIdCondition(set(x.ids))
 
     return Filter(must=[cond(x) for x in where.must])
@@ -130,13 +133,14 @@ class EdgeStore(MemoryStore):
                 self._shard.update(UpdateOperation.set_payload_by_filter(
                     _filter(c.Where((c.HasIds(chunk),))), {c.PINNED_FIELD: 1}))
             self._shard.flush()
-        if any(f not in schema for f in c.SCOPE_FIELDS):  # likewise; current items get them
-            for field in c.SCOPE_FIELDS:
+        for field in c.SCOPE_FIELDS:  # likewise; current items get them below
+            if field not in schema:
                 self._shard.update(UpdateOperation.create_field_index(field, KeywordIndexParams()))
-            current = self._scroll(c.Where((c.Match(c.CURRENT_FIELD, 1),)), ["tenant", "cube_id", "status"])
-            for point_ids, fields in c.scope_groups(current):
-                for chunk in c.chunks(point_ids):
-                    self._shard.update(UpdateOperation.set_payload(list(chunk), fields))
+        unkeyed = c.scope_groups(self._scroll(c.unkeyed_where(), ["tenant", "cube_id", "status"]))
+        for point_ids, fields in unkeyed:
+            for chunk in c.chunks(point_ids):
+                self._shard.update(UpdateOperation.set_payload(list(chunk), fields))
+        if unkeyed:
             self._shard.flush()
         found = self._shard.retrieve([_META_ID], with_payload=True, with_vector=False)
         record = (found[0].payload or {}).get(c.META_KEY) if found else None

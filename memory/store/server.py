@@ -60,6 +60,8 @@ def _filter(where: c.Where) -> m.Filter:
             return m.FieldCondition(key=x.key, match=m.MatchValue(value=x.value))
         if isinstance(x, c.MatchIn):
             return m.FieldCondition(key=x.key, match=m.MatchAny(any=list(x.values)))
+        if isinstance(x, c.Missing):
+            return m.IsEmptyCondition(is_empty=m.PayloadField(key=x.key))
         return m.HasIdCondition(has_id=list(x.ids))
 
     return m.Filter(must=[cond(x) for x in where.must])
@@ -141,14 +143,13 @@ class ServerStore(MemoryStore):
             self._index(self.collection, c.PINNED_FIELD, m.PayloadSchemaType.INTEGER)
             self.client.set_payload(self.collection, {c.PINNED_FIELD: 1}, points=m.Filter(
                 must=[m.FieldCondition(key="pinned", match=m.MatchValue(value=True))]))
-        if any(f not in (info.payload_schema or {}) for f in c.SCOPE_FIELDS):  # likewise
-            for field in c.SCOPE_FIELDS:
+        for field in c.SCOPE_FIELDS:  # likewise; current items get them below
+            if field not in (info.payload_schema or {}):
                 self._index(self.collection, field, m.PayloadSchemaType.KEYWORD)
-            current = self._scroll(self.collection, c.Where((c.Match(c.CURRENT_FIELD, 1),)),
-                                   ["tenant", "cube_id", "status"])
-            for point_ids, fields in c.scope_groups(current):
-                for chunk in c.chunks(point_ids):
-                    self.client.set_payload(self.collection, fields, points=list(chunk))
+        unkeyed = self._scroll(self.collection, c.unkeyed_where(), ["tenant", "cube_id", "status"])
+        for point_ids, fields in c.scope_groups(unkeyed):
+            for chunk in c.chunks(point_ids):
+                self.client.set_payload(self.collection, fields, points=list(chunk))
         where = f"{self.collection!r} ({self._location()})"
         record = (info.config.metadata or {}).get(c.META_KEY)
         c.check_meta(record, self.embedding_model, self.dim, where, self.also_accept)
