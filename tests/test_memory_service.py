@@ -352,3 +352,19 @@ async def test_write_back_to_a_deleted_write_cube_is_skipped(svc: MemoryService)
     await svc.flush()
     assert svc.store.list_items("t1")[0] == []
     assert svc.outbox.dead_count() == 0
+
+
+async def test_pieces_follow_what_the_store_learns_when_it_connects(tmp_path: Path) -> None:
+    """A server store that was unreachable at start learns its layout when it first
+    connects; the guard the service holds must report it then, not a copy from start."""
+    service = make(tmp_path)
+    inner = service.store.inner  # type: ignore[attr-defined]
+    inner.multivector = False
+    assert not service.store.multivector and not FaultyStore(inner).multivector
+    first = service.create_many("t1", [{"user": "u", "text": "One part here. Another part there."}])
+    assert len(inner._points[first[0].point_id][1]) == 1  # its whole text's vector only
+    inner.multivector = True
+    assert service.store.multivector and FaultyStore(inner).multivector
+    second = service.create_many("t1", [{"user": "u", "text": "Third part here. Fourth part there."}])
+    assert len(inner._points[second[0].point_id][1]) == 2  # a vector per sentence
+    service.close()

@@ -342,6 +342,12 @@ def dense_value(vector: Sequence[float], pieces: Sequence[Sequence[float]] | Non
     return [check_vector(p, dim) for p in pieces] if pieces else [whole]
 
 
+def dense_query(vector: Sequence[float], dim: int,
+                multivector: bool) -> list[float] | list[list[float]]:
+    query = check_vector(vector, dim)
+    return [query] if multivector else query
+
+
 def check_pieces(items: Sequence[Any], vectors: Sequence[Any],
                  pieces: Sequence[Any] | None) -> Sequence[Any]:
     if len(items) != len(vectors):

@@ -133,15 +133,6 @@ class EdgeStore(MemoryStore):
                 self._shard.update(UpdateOperation.set_payload_by_filter(
                     _filter(c.Where((c.HasIds(chunk),))), {c.PINNED_FIELD: 1}))
             self._shard.flush()
-        for field in c.SCOPE_FIELDS:  # likewise; current items get them below
-            if field not in schema:
-                self._shard.update(UpdateOperation.create_field_index(field, KeywordIndexParams()))
-        unkeyed = c.scope_groups(self._scroll(c.unkeyed_where(), ["tenant", "cube_id", "status"]))
-        for point_ids, fields in unkeyed:
-            for chunk in c.chunks(point_ids):
-                self._shard.update(UpdateOperation.set_payload(list(chunk), fields))
-        if unkeyed:
-            self._shard.flush()
         found = self._shard.retrieve([_META_ID], with_payload=True, with_vector=False)
         record = (found[0].payload or {}).get(c.META_KEY) if found else None
         try:
@@ -150,6 +141,15 @@ class EdgeStore(MemoryStore):
             self._shard.close()
             raise
         self.multivector = c.is_multivector(record or {})
+        for field in c.SCOPE_FIELDS:  # current items without them get them
+            if field not in schema:
+                self._shard.update(UpdateOperation.create_field_index(field, KeywordIndexParams()))
+        unkeyed = c.scope_groups(self._scroll(c.unkeyed_where(), ["tenant", "cube_id", "status"]))
+        for point_ids, fields in unkeyed:
+            for chunk in c.chunks(point_ids):
+                self._shard.update(UpdateOperation.set_payload(list(chunk), fields))
+        if unkeyed:
+            self._shard.flush()
         if not self.multivector:
             log.info("memory store %s predates sentence pieces: its items are searched by "
                      "their whole text only (export and import its cubes into a new store "
@@ -292,12 +292,9 @@ class EdgeStore(MemoryStore):
         if where is None or limit < 1:
             return []
         return self._hits(QueryRequest(
-            limit=limit, query=Query.Nearest(self._dense_query(vector), using=c.DENSE),
+            limit=limit,
+            query=Query.Nearest(c.dense_query(vector, self.dim, self.multivector), using=c.DENSE),
             filter=_filter(where), with_payload=True, with_vector=False))
-
-    def _dense_query(self, vector: Sequence[float]) -> list[float] | list[list[float]]:
-        query = c.check_vector(vector, self.dim)
-        return [query] if self.multivector else query
 
     def search_sparse(self, scope: Scope, text: str, limit: int) -> list[Hit]:
         where = c.scope_where(scope)

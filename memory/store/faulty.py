@@ -24,7 +24,6 @@ class FaultyStore(MemoryStore):
         self.mode: Mode = mode
         self.embedding_model = inner.embedding_model
         self.dim = inner.dim
-        self.multivector = inner.multivector
         self.refused = 0  # calls failed on purpose, so a test can see the fault was hit
 
     def _read(self) -> None:
@@ -37,6 +36,14 @@ class FaultyStore(MemoryStore):
         if self.mode == "read-only":
             self.refused += 1
             raise OSError(errno.EROFS, "injected fault: Read-only file system")
+
+    @property
+    def multivector(self) -> bool:  # a server store learns it when it first connects
+        return self.inner.multivector
+
+    @multivector.setter
+    def multivector(self, value: bool) -> None:
+        self.inner.multivector = value
 
     def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]],
                pieces: Sequence[Sequence[Sequence[float]]] | None = None) -> None:

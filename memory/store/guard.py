@@ -38,7 +38,6 @@ class GuardedStore(MemoryStore):
         self.inner = inner
         self.embedding_model = inner.embedding_model
         self.dim = inner.dim
-        self.multivector = inner.multivector
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
@@ -56,6 +55,14 @@ class GuardedStore(MemoryStore):
     def __getattr__(self, name: str) -> Any:
         # Backend extras (EdgeStore.optimize) stay reachable, unguarded.
         return getattr(self.inner, name)
+
+    @property
+    def multivector(self) -> bool:  # a server store learns it when it first connects
+        return self.inner.multivector
+
+    @multivector.setter
+    def multivector(self, value: bool) -> None:
+        self.inner.multivector = value
 
     def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]],
                pieces: Sequence[Sequence[Sequence[float]]] | None = None) -> None:

@@ -143,13 +143,6 @@ class ServerStore(MemoryStore):
             self._index(self.collection, c.PINNED_FIELD, m.PayloadSchemaType.INTEGER)
             self.client.set_payload(self.collection, {c.PINNED_FIELD: 1}, points=m.Filter(
                 must=[m.FieldCondition(key="pinned", match=m.MatchValue(value=True))]))
-        for field in c.SCOPE_FIELDS:  # likewise; current items get them below
-            if field not in (info.payload_schema or {}):
-                self._index(self.collection, field, m.PayloadSchemaType.KEYWORD)
-        unkeyed = self._scroll(self.collection, c.unkeyed_where(), ["tenant", "cube_id", "status"])
-        for point_ids, fields in c.scope_groups(unkeyed):
-            for chunk in c.chunks(point_ids):
-                self.client.set_payload(self.collection, fields, points=list(chunk))
         where = f"{self.collection!r} ({self._location()})"
         record = (info.config.metadata or {}).get(c.META_KEY)
         c.check_meta(record, self.embedding_model, self.dim, where, self.also_accept)
@@ -159,6 +152,13 @@ class ServerStore(MemoryStore):
         if size != self.dim:
             raise StoreError(f"collection {where} has no {self.dim}-dim vector {c.DENSE!r} "
                              f"(found {dense!r}); its metadata says otherwise: it was altered by hand")
+        for field in c.SCOPE_FIELDS:  # current items without them get them
+            if field not in (info.payload_schema or {}):
+                self._index(self.collection, field, m.PayloadSchemaType.KEYWORD)
+        unkeyed = self._scroll(self.collection, c.unkeyed_where(), ["tenant", "cube_id", "status"])
+        for point_ids, fields in c.scope_groups(unkeyed):
+            for chunk in c.chunks(point_ids):
+                self.client.set_payload(self.collection, fields, points=list(chunk))
         if not self.client.collection_exists(self.cubes_collection):
             self._create(self.cubes_collection, dict(vectors_config={}))
             self._index(self.cubes_collection, c.CUBE_TENANT_FIELD, m.PayloadSchemaType.KEYWORD)
@@ -279,12 +279,8 @@ class ServerStore(MemoryStore):
         if where is None or limit < 1:
             return []
         return self._hits(self.client.query_points(
-            self.collection, query=self._dense_query(vector), using=c.DENSE,
+            self.collection, query=c.dense_query(vector, self.dim, self.multivector), using=c.DENSE,
             query_filter=_filter(where), limit=limit, with_payload=True, with_vectors=False).points)
-
-    def _dense_query(self, vector: Sequence[float]) -> list[float] | list[list[float]]:
-        query = c.check_vector(vector, self.dim)
-        return [query] if self.multivector else query
 
     @_needs_open
     def search_sparse(self, scope: Scope, text: str, limit: int) -> list[Hit]:
