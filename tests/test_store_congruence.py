@@ -242,28 +242,59 @@ def test_a_store_from_before_scope_keys_gets_them_at_open(backend: Backend) -> N
         "a", "b", "c"}
 
 
-def test_items_written_without_scope_keys_get_them_at_the_next_open(backend: Backend) -> None:
-    """What an older replica on the same Qdrant writes after an upgraded one created
-    the indexes: items without keys, given theirs when a store opens."""
+def write_as_older_release(backend: Backend, store: MemoryStore, item: MemoryItem,
+                           superseded: MemoryItem | None = None) -> None:
+    """Write ``item`` as the release before scope keys did: no keys on it, and a
+    superseded version loses ``current`` alone."""
     from memory.store import _common as c
 
-    store = backend.open()
-    scoped_corpus(store)
-    keyless = mk("k", "rust from an older replica", user="u1", cube="c1")
-    payload = {k: v for k, v in c.item_payload(keyless, current=True).items() if k not in c.SCOPE_FIELDS}
-    vector = EMB.embed_one(keyless.text)
-    indices, values = c.sparse_item(keyless)
+    payload = {k: v for k, v in c.item_payload(item, current=True).items() if k not in c.SCOPE_FIELDS}
+    vector = EMB.embed_one(item.text)
+    indices, values = c.sparse_item(item)
     if backend.client is not None:
         from qdrant_client import models as m
 
         backend.client.upsert("memcube_memories", [m.PointStruct(
-            id=c.point_id(keyless), payload=payload, vector={
+            id=c.point_id(item), payload=payload, vector={
                 c.DENSE: [vector], c.SPARSE: m.SparseVector(indices=indices, values=values)})])
+        if superseded is not None:
+            backend.client.set_payload("memcube_memories", {c.CURRENT_FIELD: 0},
+                                       points=[c.point_id(superseded)])
     else:
         from qdrant_edge import Point, SparseVector, UpdateOperation
 
-        store._shard.update(UpdateOperation.upsert_points([Point(  # type: ignore[attr-defined]
-            c.point_id(keyless), {c.DENSE: [vector], c.SPARSE: SparseVector(indices, values)}, payload)]))
+        shard = store._shard  # type: ignore[attr-defined]
+        shard.update(UpdateOperation.upsert_points([Point(
+            c.point_id(item), {c.DENSE: [vector], c.SPARSE: SparseVector(indices, values)}, payload)]))
+        if superseded is not None:
+            shard.update(UpdateOperation.set_payload([c.point_id(superseded)], {c.CURRENT_FIELD: 0}))
+
+
+def test_versions_an_older_release_superseded_lose_their_keys_at_open(backend: Backend) -> None:
+    store = backend.open()
+    old = mk("a", "rust memory safety", user="u1", cube="c1")
+    put(store, old)
+    new = mk("a", "rust deleted now", user="u1", cube="c1", status="deleted", version=2)
+    write_as_older_release(backend, store, new, superseded=old)
+    scope = Scope("t1", cube_ids=["c1"])
+    # Until the next open, recall would still find the superseded text by its key.
+    assert [(h.item.id, h.item.version) for h in store.search_sparse(scope, "rust", 10)] == [("a", 1)]
+    store = backend.open()
+    assert store.search_sparse(scope, "rust", 10) == []
+    assert ids(store.search_sparse(Scope("t1", cube_ids=["c1"], statuses=("deleted",)), "rust", 10)) == [
+        "a"]
+    got = store.get("t1", "a")
+    assert got is not None and got.version == 2
+
+
+def test_items_written_without_scope_keys_get_them_at_the_next_open(backend: Backend) -> None:
+    """What an older replica on the same Qdrant writes after an upgraded one created
+    the indexes: items without keys, given theirs when a store opens."""
+    store = backend.open()
+    scoped_corpus(store)
+    keyless = mk("k", "rust from an older replica", user="u1", cube="c1")
+    write_as_older_release(backend, store, keyless)
+    vector = EMB.embed_one(keyless.text)
     scope = Scope("t1", cube_ids=["c1"])
     assert "k" not in ids(store.search_sparse(scope, "rust", 10))
     store = backend.open()
@@ -730,3 +761,23 @@ def test_a_store_from_before_pieces_still_serves_by_whole_text(backend: Backend)
     for hit in hits:
         assert hit.score == pytest.approx(cosine(query, EMB.embed_one(hit.item.text)), abs=1e-5)
     assert not backend.open().multivector  # and it stays so across restarts
+
+
+def test_no_tenant_or_cube_id_spells_another_tenants_scope_key() -> None:
+    from memory.store._common import scope_key
+
+    triples = [("t1", "c1", "active"), ("t", "1c1", "active"), ("t1c", "1", "active"),
+               ("t1", "c1a", "ctive"), ("t1\x1fc1", "", "active"), ("2:t1", "c1", "active"),
+               ("t", "12:t1c1", "active"), ("", "t1c1", "active")]
+    assert len({scope_key(*t) for t in triples}) == len(triples)
+
+
+def test_a_server_store_connecting_late_reports_its_layout_on_first_ask() -> None:
+    """A store unreachable at start learns its layout when it connects; the service
+    asks before its first write reaches upsert, so asking connects too."""
+    client = QdrantClient(location=":memory:")
+    late = ServerStore(client, embedding_model=EMB.model_id, dim=EMB.dim)
+    late._open, late._multivector = False, False  # as __init__ leaves one whose server was down
+    assert late.multivector
+    assert late._open  # type: ignore[attr-defined]
+    client.close()

@@ -102,7 +102,15 @@ class Missing:
     key: str
 
 
-Cond = Match | MatchIn | HasIds | Missing
+@dataclass(frozen=True, slots=True)
+class MatchNot:
+    """The field holds none of these values."""
+
+    key: str
+    values: tuple[str, ...]
+
+
+Cond = Match | MatchIn | HasIds | Missing | MatchNot
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +128,9 @@ def tenant_where(tenant: str, *conds: Cond, current: bool | None = None) -> Wher
 
 
 def scope_key(tenant: str, cube_id: str, status: str) -> str:
-    return f"{tenant}\x1f{cube_id}\x1f{status}"
+    """Length-prefixed, so no tenant or cube id, whatever its characters, can spell
+    another tenant's key."""
+    return f"{len(tenant)}:{tenant}{len(cube_id)}:{cube_id}{status}"
 
 
 def scope_where(scope: Scope) -> Where | None:
@@ -209,10 +219,18 @@ def scope_fields(tenant: str, cube_id: str, status: str) -> dict[str, Any]:
     return {SCOPE_FIELD: scope_key(tenant, cube_id, status), TENANT_CURRENT_FIELD: tenant}
 
 
-def unkeyed_where() -> Where:
+def unkeyed_where(*conds: Cond) -> Where:
     """Current points without search keys: a store's from before them, or written by an
-    older replica since; each open gives them their keys."""
-    return Where((Match(CURRENT_FIELD, 1), Missing(SCOPE_FIELD)))
+    older replica since; each open gives them their keys. Keys are set through this
+    filter, not by point id, so a version superseded meanwhile is not keyed."""
+    return Where((Match(CURRENT_FIELD, 1), Missing(SCOPE_FIELD), *conds))
+
+
+def stale_keyed_where() -> Where:
+    """Superseded versions that still hold search keys: an older replica (or an older
+    release) supersedes a version by clearing ``current`` alone. Each open clears them,
+    or recall would find the old text."""
+    return Where((Match(CURRENT_FIELD, 0), MatchNot(SCOPE_FIELD, ("",))))
 
 
 def scope_groups(found: Iterable[tuple[str, dict[str, Any]]]

@@ -4,7 +4,7 @@ One shard holds three kinds of point, told apart by their payload:
 
 - memory versions (top-level ``tenant``, ``id``, ``current``, ...): the only points
   with a dense or sparse vector, and the only ones any memory filter can match,
-  since every memory filter requires ``tenant``;
+  since every memory filter requires ``tenant`` (or a scope key, which holds it);
 - cube records (``{"cube": {...}}``), payload-only;
 - one metadata record (``{"memcube_store": {...}}``) naming the embedding model and
   dimension the shard was built for.
@@ -43,6 +43,7 @@ from qdrant_edge import (
     IsEmptyCondition,
     KeywordIndexParams,
     MatchAny,
+    MatchExcept,
     MatchValue,
     Modifier,
     MultiVectorComparator,
@@ -77,6 +78,8 @@ def _filter(where: c.Where) -> Filter:
             return FieldCondition(x.key, match=MatchAny(list(x.values)))
         if isinstance(x, c.Missing):
             return IsEmptyCondition(x.key)
+        if isinstance(x, c.MatchNot):
+            return FieldCondition(x.key, match=MatchExcept(list(x.values)))
         return HasIdCondition(set(x.ids))
 
     return Filter(must=[cond(x) for x in where.must])
@@ -144,12 +147,7 @@ class EdgeStore(MemoryStore):
         for field in c.SCOPE_FIELDS:  # current items without them get them
             if field not in schema:
                 self._shard.update(UpdateOperation.create_field_index(field, KeywordIndexParams()))
-        unkeyed = c.scope_groups(self._scroll(c.unkeyed_where(), ["tenant", "cube_id", "status"]))
-        for point_ids, fields in unkeyed:
-            for chunk in c.chunks(point_ids):
-                self._shard.update(UpdateOperation.set_payload(list(chunk), fields))
-        if unkeyed:
-            self._shard.flush()
+        self._settle_keys()
         if not self.multivector:
             log.info("memory store %s predates sentence pieces: its items are searched by "
                      "their whole text only (export and import its cubes into a new store "
@@ -183,6 +181,20 @@ class EdgeStore(MemoryStore):
             self.path.rmdir()  # empty: an existing store is never replaced
         os.rename(building, self.path)
         _fsync_dir(self.path.parent)
+
+    def _settle_keys(self) -> None:
+        """Keys on current versions that lack them; none on superseded ones."""
+        unkeyed = c.scope_groups(self._scroll(c.unkeyed_where(), ["tenant", "cube_id", "status"]))
+        stale = [pid for pid, _ in self._scroll(c.stale_keyed_where(), [c.SCOPE_FIELD])]
+        for point_ids, fields in unkeyed:
+            for chunk in c.chunks(point_ids):
+                self._shard.update(UpdateOperation.set_payload_by_filter(
+                    _filter(c.unkeyed_where(c.HasIds(chunk))), fields))
+        for chunk in c.chunks(stale):
+            self._shard.update(UpdateOperation.set_payload_by_filter(
+                _filter(c.Where((c.Match(c.CURRENT_FIELD, 0), c.HasIds(chunk)))), c.UNFLAG))
+        if unkeyed or stale:
+            self._shard.flush()
 
     def _index_on_open(self) -> None:
         """Build the search index of what was written since the last one, before serving.

@@ -62,6 +62,8 @@ def _filter(where: c.Where) -> m.Filter:
             return m.FieldCondition(key=x.key, match=m.MatchAny(any=list(x.values)))
         if isinstance(x, c.Missing):
             return m.IsEmptyCondition(is_empty=m.PayloadField(key=x.key))
+        if isinstance(x, c.MatchNot):
+            return m.FieldCondition(key=x.key, match=m.MatchExcept(**{"except": list(x.values)}))
         return m.HasIdCondition(has_id=list(x.ids))
 
     return m.Filter(must=[cond(x) for x in where.must])
@@ -84,6 +86,7 @@ class ServerStore(MemoryStore):
         self.dim = dim
         self._open = False
         self._open_lock = threading.Lock()
+        self._multivector = False
         try:
             self._connect()
         except StoreError:
@@ -101,6 +104,22 @@ class ServerStore(MemoryStore):
             if not self._open:
                 self._ensure_collections()
                 self._open = True
+
+    @property
+    def multivector(self) -> bool:
+        """Known once connected; a first write asks before it reaches ``upsert``, so the
+        question connects too (a store still unreachable says False, and that write
+        fails in ``upsert`` anyway)."""
+        if not self._open:
+            try:
+                self._connect()
+            except Exception:
+                return False
+        return self._multivector
+
+    @multivector.setter
+    def multivector(self, value: bool) -> None:
+        self._multivector = value
 
     @classmethod
     def from_url(cls, url: str, api_key: str | None = None, *, collection: str = "memcube_memories",
@@ -146,7 +165,7 @@ class ServerStore(MemoryStore):
         where = f"{self.collection!r} ({self._location()})"
         record = (info.config.metadata or {}).get(c.META_KEY)
         c.check_meta(record, self.embedding_model, self.dim, where, self.also_accept)
-        self.multivector = c.is_multivector(record or {})
+        self._multivector = c.is_multivector(record or {})
         dense = info.config.params.vectors
         size = dense[c.DENSE].size if isinstance(dense, dict) and c.DENSE in dense else None
         if size != self.dim:
@@ -155,13 +174,23 @@ class ServerStore(MemoryStore):
         for field in c.SCOPE_FIELDS:  # current items without them get them
             if field not in (info.payload_schema or {}):
                 self._index(self.collection, field, m.PayloadSchemaType.KEYWORD)
-        unkeyed = self._scroll(self.collection, c.unkeyed_where(), ["tenant", "cube_id", "status"])
-        for point_ids, fields in c.scope_groups(unkeyed):
-            for chunk in c.chunks(point_ids):
-                self.client.set_payload(self.collection, fields, points=list(chunk))
+        self._settle_keys()
         if not self.client.collection_exists(self.cubes_collection):
             self._create(self.cubes_collection, dict(vectors_config={}))
             self._index(self.cubes_collection, c.CUBE_TENANT_FIELD, m.PayloadSchemaType.KEYWORD)
+
+    def _settle_keys(self) -> None:
+        """Keys on current versions that lack them; none on superseded ones. Through
+        filters, so a replica superseding a version meanwhile is not undone."""
+        unkeyed = self._scroll(self.collection, c.unkeyed_where(), ["tenant", "cube_id", "status"])
+        for point_ids, fields in c.scope_groups(unkeyed):
+            for chunk in c.chunks(point_ids):
+                self.client.set_payload(self.collection, fields,
+                                        points=_filter(c.unkeyed_where(c.HasIds(chunk))))
+        stale = [pid for pid, _ in self._scroll(self.collection, c.stale_keyed_where(), [c.SCOPE_FIELD])]
+        for chunk in c.chunks(stale):
+            self.client.set_payload(self.collection, c.UNFLAG, points=_filter(
+                c.Where((c.Match(c.CURRENT_FIELD, 0), c.HasIds(chunk)))))
 
     def _create(self, name: str, params: dict[str, Any]) -> None:
         try:
