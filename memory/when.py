@@ -2,8 +2,10 @@
 
 "What did Nate cook on 9 November, 2022?" is about what was said around that day,
 not about every mention of cooking. Read are absolute dates (a day, a month, a year)
-in the usual English spellings, and dates relative to the query's own time ("today",
-"yesterday", "3 days ago", "last week", "this month", "last year"); days are UTC days.
+in the usual English spellings, and past dates relative to the query's own time
+("yesterday", "3 days ago", "last week", "the past month", "last year"); days are UTC
+days. Present ones ("today", "this week") are not read: "How are you today?" asks
+nothing about what was said today, and would lift every recent memory.
 A regex per form is enough, and at about 10 us per query it costs recall nothing; a
 general date parser (dateparser) takes milliseconds and reads dates into words such
 as "may".
@@ -29,12 +31,14 @@ _DAY = r"(\d{1,2})(?:st|nd|rd|th)?"
 
 # Most specific first: a span read by one form is not read again by a later one.
 _FORMS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(rf"\b{_YEAR}-(\d\d)-(\d\d)\b"), "iso"),
+    (re.compile(rf"\b{_YEAR}-(\d\d)-(\d\d)(?![\d-])"), "iso"),  # "2022-01-05T10:00" too
     (re.compile(rf"\b{_DAY}\s+(?:of\s+)?{_MON},?\s+{_YEAR}\b", re.I), "day month year"),
     (re.compile(rf"\b{_MON}\s+{_DAY},?\s+{_YEAR}\b", re.I), "month day year"),
     (re.compile(rf"\b{_MON},?\s+(?:of\s+)?{_YEAR}\b", re.I), "month year"),
-    # A bare number is a year only after a word that says so ("in 2022", not "2022 people").
-    (re.compile(rf"\b(?:in|of|during|since|before|after|by|from|until)\s+{_YEAR}\b", re.I), "year"),
+    # A bare number is a year only after "in" or "during" ("in 2022"; not "2022 people",
+    # "sales of 2000 units", or "since 2020", which is not about 2020 itself).
+    (re.compile(rf"\b(?:in|during)\s+{_YEAR}\b(?!\s*(?:%|percent\b|units?\b|people\b|times\b))",
+                re.I), "year"),
 )
 
 
@@ -42,9 +46,9 @@ _NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 
             "seven": 7, "eight": 8, "nine": 9, "ten": 10}
 _COUNT = r"(\d{1,3}|an?|one|two|three|four|five|six|seven|eight|nine|ten)"
 _RELATIVE = re.compile(
-    rf"\b(?:(today)|(yesterday)|(?:the\s+)?day\s+before\s+(yesterday)"
+    rf"\b(?:(yesterday)|(?:the\s+)?day\s+before\s+(yesterday)"
     rf"|{_COUNT}\s+(day|week|month|year)s?\s+ago"
-    rf"|(last|this|past)\s+(week|month|year))\b", re.I)
+    rf"|(last|past)\s+(week|month|year))\b", re.I)
 
 
 def _month_start(day: datetime, back: int) -> datetime:
@@ -60,13 +64,11 @@ def _relative(m: re.Match[str], today: datetime) -> Window:
     day = timedelta(days=1)
     week_start = today - timedelta(days=today.weekday())
     if m.group(1):
-        return span(today, today + day)
-    if m.group(2):
         return span(today - day, today)
-    if m.group(3):
+    if m.group(2):
         return span(today - 2 * day, today - day)
-    if m.group(4):
-        n, unit = _NUMBERS.get(m.group(4).lower()) or int(m.group(4)), m.group(5).lower()
+    if m.group(3):
+        n, unit = _NUMBERS.get(m.group(3).lower()) or int(m.group(3)), m.group(4).lower()
         if unit == "day":
             return span(today - n * day, today - (n - 1) * day)
         if unit == "week":
@@ -75,17 +77,15 @@ def _relative(m: re.Match[str], today: datetime) -> Window:
             return span(_month_start(today, n), _month_start(today, n - 1))
         return span(datetime(today.year - n, 1, 1, tzinfo=UTC),
                     datetime(today.year - n + 1, 1, 1, tzinfo=UTC))
-    which, unit = m.group(6).lower(), m.group(7).lower()
+    which, unit = m.group(5).lower(), m.group(6).lower()
     if which == "past":  # the past week: the seven days before today, and today
         length = {"week": 7, "month": 30, "year": 365}[unit]
         return span(today - length * day, today + day)
-    back = 1 if which == "last" else 0
-    if unit == "week":
-        return span(week_start - back * 7 * day, week_start + (1 - back) * 7 * day)
+    if unit == "week":  # last week: the calendar week before this one, from Monday
+        return span(week_start - 7 * day, week_start)
     if unit == "month":
-        return span(_month_start(today, back), _month_start(today, back - 1))
-    return span(datetime(today.year - back, 1, 1, tzinfo=UTC),
-                datetime(today.year - back + 1, 1, 1, tzinfo=UTC))
+        return span(_month_start(today, 1), _month_start(today, 0))
+    return span(datetime(today.year - 1, 1, 1, tzinfo=UTC), datetime(today.year, 1, 1, tzinfo=UTC))
 
 
 def _day(year: int, month: int, day: int) -> Window:
@@ -114,10 +114,16 @@ def date_windows(text: str, at: float | None = None) -> tuple[Window, ...]:
     in order of their kind (days first), then of appearance; then relative ones, taken
     from the UTC day of ``at`` (default: now). Impossible dates are skipped."""
     day = int(time.time() if at is None else at) // 86_400
-    return _windows(text, day)
+    # Chat turns are read once; search queries repeat. Only short texts are cached, so
+    # the cache stays small whatever users send.
+    return _cached(text, day) if len(text) <= 512 else _windows(text, day)
 
 
 @lru_cache(maxsize=4096)
+def _cached(text: str, day: int) -> tuple[Window, ...]:
+    return _windows(text, day)
+
+
 def _windows(text: str, day: int) -> tuple[Window, ...]:
     found: list[Window] = []
     taken: list[tuple[int, int]] = []
