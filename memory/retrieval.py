@@ -21,8 +21,9 @@ sentence piece where the store keeps them, see ``memory.pieces``). Fusion:
    turns of one conversation; one strong turn vouches for its neighbours.
 
 Each step measured on LoCoMo (bench/locomo_recall.py, recall@10, offline on the same
-vectors): tuned reciprocal rank fusion 0.707; score fusion 0.720; with sentence
-pieces 0.730; with dates 0.741 (without conversations); all four 0.760.
+vectors, 30 candidates a list): tuned reciprocal rank fusion 0.707; score fusion
+0.701; with sentence pieces 0.714; with dates 0.733; with conversations 0.760. Each
+part carries weight: without dates 0.744, without pieces 0.737.
 """
 
 from __future__ import annotations
