@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from memory.errors import MemoryUnavailable
+from memory.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Outbox:
         #: that must answer before they append (a stream's headers) read it.
         self.writable = True
         self._appenders = ThreadPoolExecutor(_APPEND_THREADS, thread_name_prefix="outbox-append")
-        _fsync_dir(self.path.parent)  # the -wal file's directory entry must survive too
+        fsync_dir(self.path.parent)  # the -wal file's directory entry must survive too
 
     def limit_size(self, max_bytes: int | None) -> None:
         """Refuse appends that would grow the file past ``max_bytes`` (None: no limit).
@@ -364,19 +364,6 @@ class Outbox:
                 self._db.execute("COMMIT")
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform lets a directory be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def exponential_backoff(attempts: int, *, base: float = 1.0, cap: float = 300.0) -> float:

@@ -40,6 +40,8 @@ SPARSE = "bm25"
 SCHEMA = 2
 MULTIVECTOR_SCHEMA = 2
 META_KEY = "memcube_store"
+#: The point a store's probe writes (a health check's small write).
+PROBE_ID = stable_id("memcube-store-probe")
 
 #: Payload fields with an index: every memory filter uses some of them.
 #: ``models.text_key`` of the item's text: exact duplicates by one index lookup.

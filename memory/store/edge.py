@@ -58,6 +58,7 @@ from qdrant_edge import (
     UpdateOperation,
 )
 
+from memory.fsutil import fsync_dir
 from memory.models import Cube, MemoryItem, MemoryStatus, stable_id
 from memory.store import _common as c
 from memory.store.base import Hit, MemoryStore, Scope, StoreError
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 
 _META_ID = stable_id("memcube-store-meta")
 # A payload-only point the probe rewrites: no memory or cube filter can match it.
-_PROBE_ID = stable_id("memcube-store-probe")
 _PAGE = 1024
 
 
@@ -96,14 +96,6 @@ def _index_operations() -> list[UpdateOperation]:
                c.PINNED_FIELD, IntegerIndexParams(lookup=True, range=False))]
     return ops + [UpdateOperation.create_field_index(k, KeywordIndexParams())
                   for k in c.KEYWORD_INDEXES]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EdgeStore(MemoryStore):
@@ -180,7 +172,7 @@ class EdgeStore(MemoryStore):
         if self.path.exists():
             self.path.rmdir()  # empty: an existing store is never replaced
         os.rename(building, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def _settle_keys(self) -> None:
         """Keys on current versions that lack them; none on superseded ones."""
@@ -383,7 +375,7 @@ class EdgeStore(MemoryStore):
         read-only still answers reads."""
         with self._lock:
             self._shard.retrieve([_META_ID], with_payload=False, with_vector=False)
-            self._shard.update(UpdateOperation.upsert_points([Point(_PROBE_ID, {}, {"probe": 1})]))
+            self._shard.update(UpdateOperation.upsert_points([Point(c.PROBE_ID, {}, {"probe": 1})]))
 
     def optimize(self) -> bool:
         """Build the HNSW index and drop deleted points (done at every open). Edge runs

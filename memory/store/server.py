@@ -24,7 +24,7 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as m
 from qdrant_client.http.exceptions import ResponseHandlingException
 
-from memory.models import Cube, MemoryItem, MemoryStatus, stable_id
+from memory.models import Cube, MemoryItem, MemoryStatus
 from memory.store import _common as c
 from memory.store.base import Hit, MemoryStore, Scope, StoreError
 
@@ -51,7 +51,6 @@ def _needs_open(method: Callable[Concatenate[ServerStore, P], T]
         return method(self, *args, **kwargs)
 
     return opened
-_PROBE_ID = stable_id("memcube-store-probe")
 
 
 def _filter(where: c.Where) -> m.Filter:
@@ -395,7 +394,7 @@ class ServerStore(MemoryStore):
         read-only replica). The write is a payload-only point among the cubes that no
         cube filter matches."""
         self.client.upsert(self.cubes_collection, [m.PointStruct(
-            id=_PROBE_ID, vector={}, payload={"probe": 1})], wait=True)
+            id=c.PROBE_ID, vector={}, payload={"probe": 1})], wait=True)
 
     def close(self) -> None:
         # Writes wait for the server's acknowledgement: nothing is left to flush.
