@@ -192,16 +192,17 @@ class EdgeStore(MemoryStore):
         """Build the search index of what was written since the last one, before serving.
 
         Edge runs no optimizer of its own, and ``optimize`` holds the GIL throughout
-        (about 2.4 s per 10k new points here), so it cannot run beside requests. At open
+        (5-8 s per 10k new points with their sentence vectors, 133 s for 100k on 2
+        cores), so it cannot run beside requests. At open
         nothing is served yet: each restart indexes the tail written since the last
-        one; until then that tail is searched by a full scan (about 3 ms at 10k points).
+        one; until then that tail is searched by a full scan (3-4 ms at 10k points).
         Edge itself decides whether anything is due (a few thousand points at least)."""
         info = self._shard.info()
         # Each memory has a dense and a sparse vector; the sparse are indexed as written.
         unindexed = 2 * info.points_count - info.indexed_vectors_count
         if unindexed >= 1000:
             log.info("memory store %s: indexing up to %d new points before serving "
-                     "(about 2-3 s per 10k)", self.path, unindexed)
+                     "(about 6 s per 10k on 2 cores)", self.path, unindexed)
         started = time.perf_counter()
         if self.optimize():
             log.info("memory store %s: search index built in %.1f s", self.path,
@@ -380,9 +381,9 @@ class EdgeStore(MemoryStore):
     def optimize(self) -> bool:
         """Build the HNSW index and drop deleted points (done at every open). Edge runs
         no optimizer by itself: until this runs, dense search is a full scan (about
-        3.5 ms at 10k items of one tenant, 1.2 ms after). qdrant-edge-py 0.9 holds the
-        GIL throughout (about 2.4 s at 10k items), stalling the whole process: never
-        call it from a request path."""
+        3-4 ms at 10k items of one tenant, about 1.5 ms after). qdrant-edge-py 0.9 holds
+        the GIL throughout (5-8 s at 10k items with their sentence vectors), stalling
+        the whole process: never call it from a request path."""
         with self._lock:
             return bool(self._shard.optimize())
 

@@ -393,6 +393,7 @@ class ServerStore(MemoryStore):
         """A read and a write: a server can refuse writes alone (its disk full, a
         read-only replica). The write is a payload-only point among the cubes that no
         cube filter matches."""
+        self.client.retrieve(self.collection, [c.PROBE_ID], with_payload=False, with_vectors=False)
         self.client.upsert(self.cubes_collection, [m.PointStruct(
             id=c.PROBE_ID, vector={}, payload={"probe": 1})], wait=True)
 
