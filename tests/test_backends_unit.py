@@ -177,3 +177,22 @@ def test_upstream_status_with_unparseable_body() -> None:
     err = upstream_error_from_status(418, b"teapot")
     assert err.status == 418
     assert "418" in err.message
+
+
+def test_litellm_reports_an_upstream_4xx_even_after_retried_connection_errors() -> None:
+    import litellm
+
+    backend = LiteLLMBackend(upstream_model="openai/m", api_base="http://u/v1", api_key="k",
+                             timeout=5, max_retries=2)
+    try:
+        raise ConnectionError("first attempt refused")
+    except ConnectionError as first:
+        limited = litellm.RateLimitError('{"error": {"message": "slow down"}}',
+                                         llm_provider="openai", model="m")
+        limited.__context__ = first
+    mapped = backend._map_error(limited)
+    assert isinstance(mapped, UpstreamStatusError) and mapped.status == 429
+    # A 500 that hides a refused connection is still reported as unreachable.
+    hidden = litellm.InternalServerError("Connection error.", llm_provider="openai", model="m")
+    hidden.__cause__ = ConnectionError("refused")
+    assert isinstance(backend._map_error(hidden), UpstreamUnavailableError)

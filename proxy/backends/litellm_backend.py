@@ -123,15 +123,17 @@ class LiteLLMBackend(ChatBackend):
             if "JSON" in text or "decode" in text.lower():
                 return UpstreamError("upstream returned a malformed reply")
             return UpstreamUnavailableError("upstream unreachable")
-        cause = _transport_cause(exc)
-        if cause is not None:
-            return cause
+        # A reply's own 4xx first: its chain may hold the connection errors of retries
+        # before it, and the client must see the 429 or 400 the upstream gave.
         status = getattr(exc, "status_code", None)
         message = getattr(exc, "message", None) or str(exc)
         if isinstance(status, int) and 400 <= status < 500:
             return upstream_error_from_status(
                 status, _error_json(message.split(" - ", 1)[-1])
             )
+        cause = _transport_cause(exc)
+        if cause is not None:
+            return cause
         log.warning("upstream error via litellm: %s", type(exc).__name__)
         return UpstreamError(f"upstream error: {type(exc).__name__}")
 
