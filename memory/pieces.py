@@ -14,9 +14,10 @@ the tokens embedded per memory.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
+
+import numpy as np
 
 from memory.embedding.base import Embedder
 
@@ -89,8 +90,7 @@ def embed_with_pieces(embedder: Embedder, texts: Sequence[str]
             continue
         vs = embedded[at:at + len(ps)]
         at += len(ps)
-        mean = [sum(col) / len(vs) for col in zip(*vs, strict=True)]
-        norm = math.sqrt(sum(x * x for x in mean)) or 1.0
-        whole.append([x / norm for x in mean])
+        mean = np.mean(np.asarray(vs, dtype=np.float32), axis=0)
+        whole.append((mean / (float(np.linalg.norm(mean)) or 1.0)).tolist())
         out.append(vs)
     return whole, out

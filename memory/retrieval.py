@@ -75,7 +75,8 @@ def _session(item: MemoryItem) -> str | None:
 
 
 def fuse(dense: Sequence[Hit], sparse: Sequence[Hit], config: RetrievalConfig,
-         windows: tuple[Window, ...] = ()) -> list[Hit]:
+         windows: tuple[Window, ...] = (), limit: int | None = None) -> list[Hit]:
+    """The candidates ranked, duplicate texts dropped, at most ``limit`` of them."""
     items: dict[str, MemoryItem] = {}
     for hit in (*dense, *sparse):
         items.setdefault(hit.item.id, hit.item)
@@ -103,6 +104,8 @@ def fuse(dense: Sequence[Hit], sparse: Sequence[Hit], config: RetrievalConfig,
             continue
         seen_text.add(key)
         out.append(Hit(item=item, score=scores[memory_id]))
+        if len(out) == limit:  # the rest would be read only to be cut
+            break
     return out
 
 
@@ -143,4 +146,4 @@ class Retriever:
         n = max(self.config.candidates, limit)
         dense = self.store.search_dense(scope, self.embedder.embed_one(query), n)
         sparse = self.store.search_sparse(scope, query, n)
-        return fuse(dense, sparse, self.config, date_windows(query))[:limit]
+        return fuse(dense, sparse, self.config, date_windows(query), limit)

@@ -234,6 +234,7 @@ def test_a_single_keyword_hit_counts() -> None:
 def test_one_list_alone_still_ranks() -> None:
     a, b = item("a"), item("b")
     assert [h.item.id for h in fuse(hits((a, 0.2), (b, 0.9)), [], PLAIN)] == ["b", "a"]
+    assert [h.item.id for h in fuse(hits((a, 0.2), (b, 0.9)), [], PLAIN, limit=1)] == ["b"]
     assert fuse([], [], PLAIN) == []
 
 
