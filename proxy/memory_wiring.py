@@ -35,7 +35,8 @@ def build_embedder(settings: Settings) -> Embedder:
         return LiteLLMEmbedder(cfg.model, dim=cfg.dim, api_base=cfg.api_base, api_key=key)
     from memory.embedding.minilm import MiniLMEmbedder
 
-    return MiniLMEmbedder(cfg.cache_dir or settings.data_dir / "models")
+    return MiniLMEmbedder(cfg.cache_dir or settings.data_dir / "models",
+                          extra_buffer_types=cfg.extra_buffer_types)
 
 
 def build_store(settings: Settings, embedder: Embedder) -> MemoryStore:

@@ -63,6 +63,10 @@ class ModelConfig(_Section):
     n_threads: int | None = Field(
         default=None, ge=1, description="llamacpp: CPU threads (default: all cores)."
     )
+    extra_buffer_types: bool = Field(default=False, description=(
+        "llamacpp: use llama.cpp's extra CPU buffer types (AMX tiles, repacked weights). "
+        "Off by default: they crashed the embedded models on Intel CPUs with AMX. Run "
+        "`memcube-proxy doctor` after turning them on."))
 
     @model_validator(mode="after")
     def _litellm_needs_model(self) -> ModelConfig:
@@ -129,6 +133,10 @@ class EmbedderSettings(_Section):
     cache_dir: Path | None = Field(
         default=None, description="Where the local model is converted to (default data_dir/models)."
     )
+    extra_buffer_types: bool = Field(default=False, description=(
+        "local: use llama.cpp's extra CPU buffer types (AMX tiles, repacked weights). Off "
+        "by default: they crashed MiniLM on Intel CPUs with AMX. Run `memcube-proxy doctor` "
+        "after turning them on."))
 
     @model_validator(mode="after")
     def _litellm_needs_model(self) -> EmbedderSettings:

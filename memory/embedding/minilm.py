@@ -23,6 +23,7 @@ import numpy as np
 
 from memory.embedding.base import Embedder
 from memory.embedding.convert import Precision, ensure_gguf
+from memory.native import load_llama, uses_extra_buffer_types
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class MiniLMEmbedder(Embedder):
     cores against f16's 3.6-4.6 ms, and a write-back batch about 20% faster, at a
     minimum cosine of 0.998 with sentence-transformers (f16: 0.99999); every precision
     gives vectors of one space, so stores accept any of them (``SAME_SPACE``).
-    ``batch_size`` caps how many texts share one llama.cpp call.
+    ``batch_size`` caps how many texts share one llama.cpp call. ``extra_buffer_types``
+    turns on llama.cpp's AMX and repacked weight buffers (see :mod:`memory.native`).
     """
 
     dim = DIM
@@ -68,6 +70,7 @@ class MiniLMEmbedder(Embedder):
         n_threads: int | None = None,
         batch_size: int = 64,
         precision: Precision = "q8_0",
+        extra_buffer_types: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -76,8 +79,10 @@ class MiniLMEmbedder(Embedder):
         self.gguf_path = ensure_gguf(data_dir, precision)
         self._lock = threading.Lock()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minilm")
-        self._llama: llama_cpp.Llama | None = llama_cpp.Llama(
-            model_path=str(self.gguf_path),
+        self.extra_buffer_types = extra_buffer_types
+        self._llama: llama_cpp.Llama | None = load_llama(
+            str(self.gguf_path),
+            extra_buffer_types=extra_buffer_types,
             embedding=True,
             n_ctx=CONTEXT_TOKENS,
             n_batch=CONTEXT_TOKENS,
@@ -96,6 +101,11 @@ class MiniLMEmbedder(Embedder):
         logger.info(
             "loaded %s from %s (threads=%d)", self.model_id, self.gguf_path, self._llama.n_threads_batch
         )
+
+    @property
+    def uses_extra_buffer_types(self) -> bool:
+        """What the loaded model's parameters say (not what was asked for)."""
+        return uses_extra_buffer_types(self._require_open())
 
     def tokenize(self, text: str) -> list[int]:
         """[CLS] wordpieces [SEP], cut to the model's 256-token window keeping the [SEP]."""

@@ -48,6 +48,7 @@ def build_backend(cfg: ModelConfig, upstream: UpstreamSettings,
             n_ctx=cfg.n_ctx,
             n_threads=cfg.n_threads,
             states=states,
+            extra_buffer_types=cfg.extra_buffer_types,
         )
     assert cfg.model is not None
     provider, name = _split(cfg.model)

@@ -6,7 +6,10 @@ so the event loop stays free, and hands tokens to the loop as they are made. A
 request whose client leaves sets a flag the worker checks between tokens.
 
 Non-stream replies are built from the same token stream, so temperature 0 gives
-the same text either way.
+the same text either way. It also gives the same text whatever the context held
+before: prompts are evaluated in chunks at fixed positions (:data:`PROMPT_CHUNK`),
+and tokens already in the context are reused only where a request computed from
+nothing would have computed them in the same chunks (see :meth:`LlamaCppBackend._reuse`).
 
 Activation memory: when a request's prompt starts with the activation blocks of its
 mounted cubes (a :class:`memory.activation.Prefix`), the KV state of that prefix is
@@ -40,7 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from memory.activation import Prefix, State, StateCache, state_key
+from memory.native import load_llama, uses_extra_buffer_types
 from memory.parametric import AdapterError
 from memory.parametric import inspect as inspect_adapter
 from proxy.backends.base import ChatBackend, Completion, RequestContext
@@ -50,6 +56,15 @@ from proxy.protocol import completion_id, now
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Prompts are evaluated in chunks of this many tokens that start at multiples of it.
+#: llama.cpp's CPU kernels change with a batch's shape (one token or many, a tile's
+#: remainder), and other shapes give other floating-point sums: a repeated request
+#: that reused the previous one's tokens and evaluated only its last token once gave
+#: another text at temperature 0 (issue 13). With fixed chunks, every token of a prompt
+#: is computed in the same batch however much of the prompt was cached. Prefill of 2k
+#: tokens on two cores ran at 189-206 tokens/s for any chunk from 64 to 512, so a small
+#: chunk costs no speed and wastes at most 63 tokens of a reusable prefix.
+PROMPT_CHUNK = 64
 _END = object()
 _READY = object()
 _PLANS_KEPT = 256  # prefixes whose tokens are remembered
@@ -123,10 +138,11 @@ class LlamaCppBackend(ChatBackend):
 
     def __init__(self, *, name: str, path: Path | None, n_ctx: int,
                  n_threads: int | None = None, states: StateCache | None = None,
-                 max_adapters: int = 8) -> None:
+                 max_adapters: int = 8, extra_buffer_types: bool = False) -> None:
         self.name = name
         self.path = path or default_model_path()
         self.n_ctx = n_ctx
+        self.extra_buffer_types = extra_buffer_types  # see memory.native
         # Marks message contents in a rendered template. Secret and random per process, so
         # no content can forge it; fixed, so its pattern is compiled once.
         self._stand_in_tag = secrets.token_hex(8)
@@ -144,6 +160,9 @@ class LlamaCppBackend(ChatBackend):
         self._formatter: Any = None
         self._model_id = ""
         self._owner: tuple[str, str | None] | None = None  # whose tokens the context holds
+        # How many of the context's first tokens were computed in whole PROMPT_CHUNKs
+        # from position 0, as a request computed from nothing computes them.
+        self._chunked = 0
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
         self.last_generation: GenerationStats | None = None
@@ -153,6 +172,11 @@ class LlamaCppBackend(ChatBackend):
     def ready(self) -> bool:
         return self._llm is not None
 
+    @property
+    def uses_extra_buffer_types(self) -> bool:
+        """What the loaded model's parameters say (not what was asked for)."""
+        return self._llm is not None and uses_extra_buffer_types(self._llm)
+
     async def start(self) -> None:
         if not self.path.is_file():
             raise FileNotFoundError(f"model file not found: {self.path}")
@@ -161,17 +185,20 @@ class LlamaCppBackend(ChatBackend):
         st = self.path.stat()
         import llama_cpp
 
-        # A saved state is only valid for the same weights and the same llama.cpp.
+        # A saved state is only valid for the same weights, the same llama.cpp and the
+        # same kernels and chunks (which change its floating-point sums).
         self._model_id = (f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}:"
-                          f"{llama_cpp.__version__}")
+                          f"{llama_cpp.__version__}:extra_bufts={int(self.extra_buffer_types)}:"
+                          f"chunk={PROMPT_CHUNK}")
         log.info("local model %s loaded from %s (n_ctx=%d)", self.name, self.path, self.n_ctx)
 
     def _load(self) -> tuple[Any, Any]:
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_threads=self.n_threads,
-                    verbose=False)
+        llm = load_llama(str(self.path), extra_buffer_types=self.extra_buffer_types,
+                         n_ctx=self.n_ctx, n_batch=PROMPT_CHUNK, n_ubatch=PROMPT_CHUNK,
+                         n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                         verbose=False)
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ValueError(f"{self.path} has no chat template")
@@ -185,6 +212,10 @@ class LlamaCppBackend(ChatBackend):
             bos_token=token_text(llm.token_bos()),
         )
         return llm, formatter
+
+    def prompt_tokens(self, body: dict[str, Any]) -> int:
+        """Tokens the prompt of a chat request takes, template included."""
+        return len(self._prepare(body)[0])
 
     def count_tokens(self, text: str) -> int:
         """Tokens of text in this model's own tokenizer (the memory block's budget)."""
@@ -436,6 +467,7 @@ class LlamaCppBackend(ChatBackend):
         llm = self._llm
         llm.n_tokens = 0
         llm._requires_eval = True
+        self._chunked = 0
         # Metadata only: the cells are freed; zeroing their data (data=True) would memset
         # the whole KV buffer, some 90 MB at n_ctx 4096, 20-25 ms on every tenant switch.
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), False)
@@ -453,7 +485,25 @@ class LlamaCppBackend(ChatBackend):
         llm.input_ids[:count] = state.tokens
         llm.n_tokens = count
         llm._requires_eval = True  # logits come from the next decode, not the state
+        self._chunked = _whole_chunks(count)  # _build computed it in chunks from 0
         return True
+
+    def _reuse(self, tokens: list[int]) -> None:
+        """Keep as much of the context as a request computed from nothing would have
+        computed in the same chunks, and no more: the prefix it shares with ``tokens``,
+        within the tokens computed in whole chunks, cut to a chunk boundary and short of
+        the prompt's last chunk (whose last token gives the first logits). The next
+        decode removes the rest and evaluates the prompt from there, chunk by chunk."""
+        llm = self._llm
+        limit = min(self._chunked, llm.n_tokens, _whole_chunks(len(tokens) - 1))
+        shared = 0
+        if limit:
+            differ = np.flatnonzero(llm.input_ids[:limit] != np.asarray(tokens[:limit]))
+            shared = int(differ[0]) if differ.size else limit
+        keep = _whole_chunks(shared)
+        llm.n_tokens = keep
+        llm._requires_eval = True
+        self._chunked = keep
 
     def _build(self, plan: PrefixPlan) -> None:
         """Compute the prefix from a clear context and save its state."""
@@ -462,7 +512,8 @@ class LlamaCppBackend(ChatBackend):
         llm = self._llm
         start = time.perf_counter()
         self._clear()
-        llm.eval(list(plan.tokens))
+        llm.eval(list(plan.tokens))  # in PROMPT_CHUNKs from position 0
+        self._chunked = _whole_chunks(len(plan.tokens))
         n = llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0)
         data = bytearray(n)
         buf = (ctypes.c_uint8 * n).from_buffer(data)
@@ -473,12 +524,17 @@ class LlamaCppBackend(ChatBackend):
         self.activation.build_seconds[0] += 1
         self.activation.build_seconds[1] += time.perf_counter() - start
 
-    def _set_up(self, plan: PrefixPlan | None, owner: tuple[str, str | None]) -> str:
-        """Put the context in the state this request starts from; hit, miss or none."""
+    def _set_up(self, plan: PrefixPlan | None, owner: tuple[str, str | None],
+                tokens: list[int]) -> str:
+        """Put the context in the state this request starts from; hit, miss or none.
+
+        With a prefix, the context holds exactly its saved state, and the prompt goes on
+        from the prefix's end: hit and miss compute every token in the same batches."""
         if plan is None:
             if owner != self._owner:
                 self._clear()  # never reuse another tenant's tokens
             self._owner = owner
+            self._reuse(tokens)
             return "none"
         self._owner = owner
         assert self.states is not None
@@ -535,12 +591,14 @@ class LlamaCppBackend(ChatBackend):
         try:
             ident = self._apply_lora(ctx.adapter if ctx is not None else None)
             owner = (ctx.tenant if ctx is not None else "", ident)
-            activation = self._set_up(plan, owner)
+            activation = self._set_up(plan, owner, tokens)
             if ctx is not None:
                 ctx.activation = activation
             self.last_prompt_reused = self._llm.n_tokens
             put(_READY)
             for out in self._llm.create_completion(tokens, stream=True, **kwargs):
+                if pieces == 0 and plan is None:  # the prompt is in, in whole chunks from 0
+                    self._chunked = _whole_chunks(len(tokens))
                 if cancel.is_set():
                     break
                 pieces += 1
@@ -642,6 +700,11 @@ class LlamaCppBackend(ChatBackend):
         completion = len(self._llm.tokenize(text.encode("utf-8"), add_bos=False)) if text else 0
         return {"prompt_tokens": len(prompt), "completion_tokens": completion,
                 "total_tokens": len(prompt) + completion}
+
+
+def _whole_chunks(n: int) -> int:
+    """The largest multiple of PROMPT_CHUNK not above ``n``."""
+    return max(0, n) // PROMPT_CHUNK * PROMPT_CHUNK
 
 
 def _plain_message(message: dict[str, Any], index: int) -> dict[str, str]:
