@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?=
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench doctor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ install: $(STAMP)
 
 serve: install
 	$(BIN)/memcube-proxy serve $(if $(CONFIG),--config $(CONFIG),--config configs/default.yaml)
+
+doctor: install
+	$(BIN)/memcube-proxy doctor $(if $(CONFIG),--config $(CONFIG),)
 
 lint: install
 	$(BIN)/ruff check proxy memory tests bench

@@ -16,6 +16,23 @@ offline.configure()
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The native crash path runs first (tests/test_native.py): if llama.cpp crashes on
+    this CPU, later tests that load the models in-process would kill the whole run."""
+    first = [i for i in items if i.get_closest_marker("native_crash_path")]
+    items[:] = first + [i for i in items if not i.get_closest_marker("native_crash_path")]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    report: pytest.TestReport = yield
+    if report.when == "call" and report.failed and item.get_closest_marker("native_crash_path"):
+        item.session.shouldstop = ("the embedded models crash natively on this CPU (the failure "
+                                   "above carries the child's stderr); stopping before a test "
+                                   "that loads them in-process dies with them")
+    return report
+
+
 @pytest.fixture
 def upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream() as fake:
