@@ -61,9 +61,10 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: remainder), and other shapes give other floating-point sums: a repeated request
 #: that reused the previous one's tokens and evaluated only its last token once gave
 #: another text at temperature 0 (issue 13). With fixed chunks, every token of a prompt
-#: is computed in the same batch however much of the prompt was cached. Prefill of 2k
-#: tokens on two cores ran at 189-206 tokens/s for any chunk from 64 to 512, so a small
-#: chunk costs no speed and wastes at most 63 tokens of a reusable prefix.
+#: is computed in the same batch however much of the prompt was cached. A 1k-token
+#: prefill on two cores (median of 8) ran at 185 tokens/s in chunks of 64, 195 in 512
+#: and 172 in 32, and bench/kv_ttft.py's cold prefill did not move measurably; a chunk
+#: of 64 wastes at most 63 tokens of a reusable prefix.
 PROMPT_CHUNK = 64
 _END = object()
 _READY = object()
