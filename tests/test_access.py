@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
 from memory.access import AccessRecorder
 from memory.embedding.base import HashEmbedder
 from memory.models import MemoryItem
-from memory.store.inmemory import InMemoryStore
+from memory.store.edge import EdgeStore
 
 
-class CountingStore(InMemoryStore):
-    def __init__(self) -> None:
-        super().__init__(embedding_model="h", dim=HashEmbedder().dim)
+class CountingStore(EdgeStore):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, embedding_model="h", dim=HashEmbedder().dim)
         self.touches: list[tuple[str, list[str], int]] = []
         self.fail = False
 
@@ -27,11 +28,12 @@ class CountingStore(InMemoryStore):
 
 
 @pytest.fixture
-def store() -> CountingStore:
-    s = CountingStore()
+def store(tmp_path: Path) -> Iterator[CountingStore]:
+    s = CountingStore(tmp_path / "store")
     items = [MemoryItem(id=i, tenant="t1", cube_id="c", user="u", text=i) for i in ("a", "b")]
     s.upsert(items, HashEmbedder().embed(["a", "b"]))
-    return s
+    yield s
+    s.close()
 
 
 async def test_accesses_in_one_interval_are_written_once_summed(store: CountingStore) -> None:

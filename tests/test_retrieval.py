@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from memory.models import MemoryItem, Source
 from memory.pieces import MAX_PIECES, embed_with_pieces, pieces
 from memory.retrieval import RetrievalConfig, Retriever, fuse
 from memory.store.base import Hit, Scope
-from memory.store.inmemory import InMemoryStore
+from memory.store.edge import EdgeStore
 from memory.when import date_windows, within
 
 DAY = 86_400
@@ -286,30 +287,33 @@ def test_the_same_words_twice_are_injected_once() -> None:
 
 # -- the retriever over a store ------------------------------------------------------
 
-def test_retriever_finds_a_memory_by_one_of_its_sentences_and_by_its_date() -> None:
+def test_retriever_finds_a_memory_by_one_of_its_sentences_and_by_its_date(tmp_path: Path) -> None:
     emb = HashEmbedder(dim=256)
-    store = InMemoryStore(embedding_model=emb.model_id, dim=emb.dim)
-    items = [
-        item("trip", "We drove along the coast all week. The car broke down near a fishing "
-                     "village.", at=ts(2023, 5, 2), session="s1"),
-        item("car", "Cars and coasts and villages and fishing, every weekend.", at=ts(2023, 1, 8),
-             session="s2"),
-        item("cake", "I baked a lemon cake for the party.", at=ts(2023, 5, 2), session="s1"),
-        item("bread", "I baked rye bread for the party.", at=ts(2023, 3, 9), session="s3"),
-    ]
-    vectors, piece_vectors = embed_with_pieces(emb, [i.text for i in items])
-    store.upsert(items, vectors, piece_vectors)
-    retriever = Retriever(store, emb)
-    scope = Scope("t")
-    found = retriever.search(scope, "the car broke down near a fishing village", 2)
-    assert found[0].item.id == "trip"
-    # Two cakes of a party; the date picks the one baked that day.
-    assert retriever.search(scope, "What did I bake on 2 May 2023?", 1)[0].item.id == "cake"
-    assert retriever.search(scope, "What did I bake in March 2023?", 1)[0].item.id == "bread"
-    # Relative to now: yesterday's bake over the one of last spring.
-    pie = item("pie", "I baked an apple pie for the party.", at=int(time.time()) - DAY,
-               session="s4")
-    store.upsert([pie], emb.embed([pie.text]))
-    assert retriever.search(scope, "What did I bake yesterday?", 1)[0].item.id == "pie"
-    assert retriever.search(scope, "   ", 3) == []
-    assert retriever.search(scope, "cake", 0) == []
+    store = EdgeStore(tmp_path / "store", embedding_model=emb.model_id, dim=emb.dim)
+    try:
+        items = [
+            item("trip", "We drove along the coast all week. The car broke down near a fishing "
+                         "village.", at=ts(2023, 5, 2), session="s1"),
+            item("car", "Cars and coasts and villages and fishing, every weekend.", at=ts(2023, 1, 8),
+                 session="s2"),
+            item("cake", "I baked a lemon cake for the party.", at=ts(2023, 5, 2), session="s1"),
+            item("bread", "I baked rye bread for the party.", at=ts(2023, 3, 9), session="s3"),
+        ]
+        vectors, piece_vectors = embed_with_pieces(emb, [i.text for i in items])
+        store.upsert(items, vectors, piece_vectors)
+        retriever = Retriever(store, emb)
+        scope = Scope("t")
+        found = retriever.search(scope, "the car broke down near a fishing village", 2)
+        assert found[0].item.id == "trip"
+        # Two cakes of a party; the date picks the one baked that day.
+        assert retriever.search(scope, "What did I bake on 2 May 2023?", 1)[0].item.id == "cake"
+        assert retriever.search(scope, "What did I bake in March 2023?", 1)[0].item.id == "bread"
+        # Relative to now: yesterday's bake over the one of last spring.
+        pie = item("pie", "I baked an apple pie for the party.", at=int(time.time()) - DAY,
+                   session="s4")
+        store.upsert([pie], emb.embed([pie.text]))
+        assert retriever.search(scope, "What did I bake yesterday?", 1)[0].item.id == "pie"
+        assert retriever.search(scope, "   ", 3) == []
+        assert retriever.search(scope, "cake", 0) == []
+    finally:
+        store.close()

@@ -23,7 +23,20 @@ from memory.embedding.base import HashEmbedder
 from memory.models import Cube, MemoryItem, Source, text_key
 from memory.store import MemoryStore, Scope, StoreError, StoreMismatchError
 from memory.store.edge import EdgeStore
+from memory.store.layout import (
+    CURRENT_FIELD,
+    DENSE,
+    META_KEY,
+    PINNED_FIELD,
+    SCOPE_FIELDS,
+    SPARSE,
+    item_payload,
+    meta,
+    point_id,
+    scope_key,
+)
 from memory.store.server import ServerStore
+from memory.store.sparse import sparse_item
 
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect in the local Qdrant")
 
@@ -214,26 +227,24 @@ def test_search_scope_filters_cube_user_and_status(store: MemoryStore) -> None:
 
 
 def test_a_store_from_before_scope_keys_gets_them_at_open(backend: Backend) -> None:
-    from memory.store import _common as c
-
     store = backend.open()
     scoped_corpus(store)
     put(store, mk("b", "rust borrow checker v2", user="u2", cube="c1", version=2))
     # What a store written before the fields looks like: no indexes, no fields.
     if backend.client is not None:
-        for field in c.SCOPE_FIELDS:
+        for field in SCOPE_FIELDS:
             backend.client.delete_payload_index("memcube_memories", field)
         from qdrant_client import models as m
 
-        backend.client.delete_payload("memcube_memories", list(c.SCOPE_FIELDS),
+        backend.client.delete_payload("memcube_memories", list(SCOPE_FIELDS),
                                       points=m.FilterSelector(filter=m.Filter()))
     else:
         from qdrant_edge import Filter, UpdateOperation
 
-        shard = store._shard  # type: ignore[attr-defined]
-        for field in c.SCOPE_FIELDS:
+        shard = store.engine.shard  # type: ignore[attr-defined]
+        for field in SCOPE_FIELDS:
             shard.update(UpdateOperation.delete_field_index(field))
-        shard.update(UpdateOperation.delete_payload_by_filter(Filter(must=[]), list(c.SCOPE_FIELDS)))
+        shard.update(UpdateOperation.delete_payload_by_filter(Filter(must=[]), list(SCOPE_FIELDS)))
     assert store.search_sparse(Scope("t1", cube_ids=["c1"]), "rust", 10) == []
     store = backend.open()
     hits = store.search_sparse(Scope("t1", cube_ids=["c1"]), "rust", 10)
@@ -246,28 +257,26 @@ def write_as_older_release(backend: Backend, store: MemoryStore, item: MemoryIte
                            superseded: MemoryItem | None = None) -> None:
     """Write ``item`` as the release before scope keys did: no keys on it, and a
     superseded version loses ``current`` alone."""
-    from memory.store import _common as c
-
-    payload = {k: v for k, v in c.item_payload(item, current=True).items() if k not in c.SCOPE_FIELDS}
+    payload = {k: v for k, v in item_payload(item, current=True).items() if k not in SCOPE_FIELDS}
     vector = EMB.embed_one(item.text)
-    indices, values = c.sparse_item(item)
+    indices, values = sparse_item(item)
     if backend.client is not None:
         from qdrant_client import models as m
 
         backend.client.upsert("memcube_memories", [m.PointStruct(
-            id=c.point_id(item), payload=payload, vector={
-                c.DENSE: [vector], c.SPARSE: m.SparseVector(indices=indices, values=values)})])
+            id=point_id(item), payload=payload, vector={
+                DENSE: [vector], SPARSE: m.SparseVector(indices=indices, values=values)})])
         if superseded is not None:
-            backend.client.set_payload("memcube_memories", {c.CURRENT_FIELD: 0},
-                                       points=[c.point_id(superseded)])
+            backend.client.set_payload("memcube_memories", {CURRENT_FIELD: 0},
+                                       points=[point_id(superseded)])
     else:
         from qdrant_edge import Point, SparseVector, UpdateOperation
 
-        shard = store._shard  # type: ignore[attr-defined]
+        shard = store.engine.shard  # type: ignore[attr-defined]
         shard.update(UpdateOperation.upsert_points([Point(
-            c.point_id(item), {c.DENSE: [vector], c.SPARSE: SparseVector(indices, values)}, payload)]))
+            point_id(item), {DENSE: [vector], SPARSE: SparseVector(indices, values)}, payload)]))
         if superseded is not None:
-            shard.update(UpdateOperation.set_payload([c.point_id(superseded)], {c.CURRENT_FIELD: 0}))
+            shard.update(UpdateOperation.set_payload([point_id(superseded)], {CURRENT_FIELD: 0}))
 
 
 def test_versions_an_older_release_superseded_lose_their_keys_at_open(backend: Backend) -> None:
@@ -540,6 +549,7 @@ def test_the_same_model_at_another_precision_opens_the_store(backend: Backend) -
         backend.open(model=q8_0)  # nothing declared: only the exact model
 
 
+@pytest.mark.slow
 def test_edge_store_builds_its_search_index_when_opened(tmp_path: Path) -> None:
     # Enough 384-dim points for Edge to index (measured threshold: between 6k and 8k).
     rng = np.random.default_rng(0)
@@ -549,13 +559,13 @@ def test_edge_store_builds_its_search_index_when_opened(tmp_path: Path) -> None:
     for lo in range(0, 8000, 2000):
         store.upsert([mk(f"m{n}", f"note {n}") for n in range(lo, lo + 2000)],
                      vectors[lo:lo + 2000].tolist())
-    before = store._shard.info().indexed_vectors_count  # type: ignore[attr-defined]
+    before = store.engine.shard.info().indexed_vectors_count  # type: ignore[attr-defined]
     query = vectors[1234].tolist()
     scanned = [h.item.id for h in store.search_dense(Scope("t1"), query, 10)]
     assert scanned[0] == "m1234"
     store.close()
     store = EdgeStore(tmp_path / "s", embedding_model="m", dim=384)
-    assert store._shard.info().indexed_vectors_count == before + 8000  # type: ignore[attr-defined]
+    assert store.engine.shard.info().indexed_vectors_count == before + 8000  # type: ignore[attr-defined]
     indexed = [h.item.id for h in store.search_dense(Scope("t1"), query, 10)]
     # Approximate search: the same item first, and (nearly) the same neighbours.
     assert indexed[0] == "m1234" and len(set(indexed) & set(scanned)) >= 8
@@ -565,14 +575,12 @@ def test_edge_store_builds_its_search_index_when_opened(tmp_path: Path) -> None:
 def test_edge_store_from_before_pinned_flags_gets_them_at_open(tmp_path: Path) -> None:
     from qdrant_edge import Filter, UpdateOperation
 
-    from memory.store import _common as c
-
     store = EdgeStore(tmp_path / "s", embedding_model=EMB.model_id, dim=EMB.dim)
     put(store, mk("p1", "pinned long ago", pinned=True), mk("n1", "not pinned", access_count=3))
-    shard = store._shard  # type: ignore[attr-defined]
+    shard = store.engine.shard  # type: ignore[attr-defined]
     # What a store written before the flag looks like: no index, no field.
-    shard.update(UpdateOperation.delete_field_index(c.PINNED_FIELD))
-    shard.update(UpdateOperation.delete_payload_by_filter(Filter(must=[]), [c.PINNED_FIELD]))
+    shard.update(UpdateOperation.delete_field_index(PINNED_FIELD))
+    shard.update(UpdateOperation.delete_payload_by_filter(Filter(must=[]), [PINNED_FIELD]))
     # limit 1: the hottest is n1, so p1 can only come as a pinned item
     assert [i.id for i in store.block_candidates("t1", "c1", 1)] == ["n1"]
     store.close()
@@ -712,17 +720,15 @@ def test_upsert_refuses_pieces_that_do_not_match_the_items(store: MemoryStore) -
 
 def legacy_store(backend: Backend) -> MemoryStore:
     """A store as written before pieces (schema 1: one plain vector per item)."""
-    from memory.store import _common as c
-
-    old_meta = c.meta(EMB.model_id, EMB.dim) | {"schema": 1}
+    old_meta = meta(EMB.model_id, EMB.dim) | {"schema": 1}
     if backend.client is not None:
         from qdrant_client import models as m
 
         backend.client.create_collection(
             "memcube_memories",
-            vectors_config={c.DENSE: m.VectorParams(size=EMB.dim, distance=m.Distance.COSINE)},
-            sparse_vectors_config={c.SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
-            metadata={c.META_KEY: old_meta})
+            vectors_config={DENSE: m.VectorParams(size=EMB.dim, distance=m.Distance.COSINE)},
+            sparse_vectors_config={SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
+            metadata={META_KEY: old_meta})
     else:
         from qdrant_edge import (
             Distance,
@@ -735,12 +741,12 @@ def legacy_store(backend: Backend) -> MemoryStore:
             UpdateOperation,
         )
 
-        from memory.store.edge import _META_ID
+        from memory.store.engines.edge import META_ID
 
         shard = EdgeShard.create(str(backend.path), EdgeConfig(
-            vectors={c.DENSE: EdgeVectorParams(size=EMB.dim, distance=Distance.Cosine)},
-            sparse_vectors={c.SPARSE: EdgeSparseVectorParams(modifier=Modifier.Idf)}))
-        shard.update(UpdateOperation.upsert_points([Point(_META_ID, {}, {c.META_KEY: old_meta})]))
+            vectors={DENSE: EdgeVectorParams(size=EMB.dim, distance=Distance.Cosine)},
+            sparse_vectors={SPARSE: EdgeSparseVectorParams(modifier=Modifier.Idf)}))
+        shard.update(UpdateOperation.upsert_points([Point(META_ID, {}, {META_KEY: old_meta})]))
         shard.flush()
         shard.close()
     return backend.open()
@@ -764,8 +770,6 @@ def test_a_store_from_before_pieces_still_serves_by_whole_text(backend: Backend)
 
 
 def test_no_tenant_or_cube_id_spells_another_tenants_scope_key() -> None:
-    from memory.store._common import scope_key
-
     triples = [("t1", "c1", "active"), ("t", "1c1", "active"), ("t1c", "1", "active"),
                ("t1", "c1a", "ctive"), ("t1\x1fc1", "", "active"), ("2:t1", "c1", "active"),
                ("t", "12:t1c1", "active"), ("", "t1c1", "active")]

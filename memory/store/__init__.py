@@ -1,5 +1,14 @@
 """Memory stores: one interface, embedded Qdrant Edge (default) and a Qdrant server."""
 
-from memory.store.base import Hit, MemoryStore, Scope, StoreError, StoreMismatchError
+from __future__ import annotations
 
-__all__ = ["Hit", "MemoryStore", "Scope", "StoreError", "StoreMismatchError"]
+from memory.store.base import (
+    Hit,
+    MemoryStore,
+    Scope,
+    StoreError,
+    StoreMismatchError,
+    StoreUnavailable,
+)
+
+__all__ = ["Hit", "MemoryStore", "Scope", "StoreError", "StoreMismatchError", "StoreUnavailable"]

@@ -31,6 +31,11 @@ class StoreMismatchError(StoreError):
     """The collection was built with another embedding model or dimension."""
 
 
+class StoreUnavailable(StoreError):
+    """The store is not open: still connecting, or an attempt failed moments ago and the
+    next one is not due yet. Retrying later may succeed."""
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """Which items a search may see."""

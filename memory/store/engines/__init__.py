@@ -1,0 +1,1 @@
+"""Engines: the Qdrant SDKs behind :class:`memory.store.qdrant.QdrantStore`, one each."""
