@@ -27,7 +27,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from memory.outbox import Exchange, Outbox, WriteBackWorker
+from memory.layer import Exchange
+from memory.outbox import Outbox
+from memory.writeback import WriteBackWorker
 
 CALLERS = 4
 BATCH = 8

@@ -1,4 +1,5 @@
-"""The durable outbox and its write-back worker, down to a real ``kill -9``."""
+"""The durable outbox (memory.outbox) and its write-back worker (memory.writeback),
+down to a real ``kill -9``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from memory.errors import MemoryUnavailable
-from memory.outbox import Exchange, Outbox, WriteBackWorker
+from memory.layer import Exchange
+from memory.outbox import Outbox
+from memory.writeback import WriteBackWorker
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "my card number is 4111"
@@ -42,7 +45,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
-        self.fail_on: set[str] = set()  # any batch holding one of these raises
+        self.fail_on: set[str] = set()  # any batch holding one of these raises ...
+        self.fail_with: Callable[[str], Exception] = ValueError  # ... this
         self.fail_times = 0  # the next N calls raise whatever they hold
 
     async def __call__(self, batch: list[Exchange]) -> None:
@@ -52,7 +56,7 @@ class Recorder:
             self.fail_times -= 1
             raise ConnectionError("embedder unavailable")
         if self.fail_on.intersection(rids):
-            raise ValueError(f"cannot extract from {batch[0].messages}")
+            raise self.fail_with(f"cannot extract from {batch[0].messages}")
 
     @property
     def seen(self) -> list[str]:
@@ -245,7 +249,7 @@ async def test_flush_without_a_running_worker_raises(worker: WriteBackWorker) ->
 async def test_poison_exchange_is_isolated_and_dead_lettered(
         outbox: Outbox, worker: WriteBackWorker, recorder: Recorder,
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="memory.outbox")
+    caplog.set_level(logging.DEBUG, logger="memory.writeback")
     recorder.fail_on = {"poison"}
     for rid in ["a", "poison", "b", "c", "d"]:
         await outbox.append(ex(rid))
@@ -316,7 +320,8 @@ class Destination:
 
     async def handle(self, batch: list[Exchange]) -> None:
         if not self.up:
-            raise ConnectionError("store unreachable")
+            # What the memory layer raises for a store that is down (GuardedStore).
+            raise MemoryUnavailable("store unreachable")
         self.written.extend(e.request_id for e in batch)
 
     async def probe(self) -> None:
@@ -361,8 +366,11 @@ async def test_outage_spends_no_attempts_and_resumes_when_the_store_returns(
 
 async def test_bad_item_with_a_healthy_store_is_still_dead_lettered(
         outbox: Outbox, destination: Destination) -> None:
+    """The store fails for one exchange only (say, a point it refuses): the probe
+    passes, so the failure is the exchange's."""
     recorder = Recorder()
     recorder.fail_on = {"poison"}
+    recorder.fail_with = MemoryUnavailable
     worker = WriteBackWorker(outbox, recorder, batch_size=4, max_attempts=2,
                              backoff=lambda n: 0.0, probe=destination.probe)
     for rid in ["a", "poison", "b"]:
@@ -374,6 +382,38 @@ async def test_bad_item_with_a_healthy_store_is_still_dead_lettered(
     assert worker.outage is False
     assert (outbox.pending_count(), outbox.dead_count()) == (0, 1)
     assert outbox.dead()[0].request_id == "poison"
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyError])
+async def test_handler_bug_counts_against_the_exchange_without_a_probe(
+        outbox: Outbox, error: type[Exception]) -> None:
+    """A bug (a bad exchange) is no sign of an outage: the store is not asked."""
+    probes: list[str] = []
+
+    async def probe() -> None:
+        probes.append("probe")
+
+    written: list[str] = []
+
+    async def handle(batch: list[Exchange]) -> None:
+        if any(e.request_id == "bad" for e in batch):
+            raise error("reply")
+        written.extend(e.request_id for e in batch)
+
+    worker = WriteBackWorker(outbox, handle, batch_size=4, max_attempts=2,
+                             backoff=lambda n: 0.0, probe=probe)
+    for rid in ["a", "bad", "b"]:
+        await outbox.append(ex(rid))
+    worker.start()
+    await worker.flush(timeout=5)
+    await worker.stop()
+    assert probes == []
+    assert worker.outage is False
+    assert written == ["a", "b"]
+    assert (outbox.pending_count(), outbox.dead_count()) == (0, 1)
+    [dead] = outbox.dead()
+    assert (dead.request_id, dead.attempts) == ("bad", 2)
+    assert dead.error.startswith(error.__name__)
 
 
 async def test_store_failing_mid_split_stops_counting(outbox: Outbox) -> None:

@@ -26,6 +26,14 @@ class Embedder(ABC):
     def embed_one(self, text: str) -> list[float]:
         return self.embed([text])[0]
 
+    def probe(self) -> None:
+        """Raise when the embedder cannot serve now; return when it can.
+
+        The write-back worker asks before it holds a failure against an exchange, and
+        again until an outage ends. By default one short text is embedded.
+        """
+        self.embed(["probe"])
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model."""
 

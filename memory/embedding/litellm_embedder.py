@@ -10,6 +10,7 @@ import numpy as np
 
 from memory import offline
 from memory.embedding.base import Embedder
+from memory.errors import MemoryUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,11 @@ class LiteLLMEmbedder(Embedder):
     ``"ollama/nomic-embed-text"``, ...) and doubles as ``model_id``. ``dim`` is declared
     up front because stores are created before the first call; every reply is checked
     against it, so a misconfiguration fails loudly instead of corrupting a store.
+
+    When the API cannot serve now (no connection, a timeout, 408, 429, 5xx) ``embed``
+    raises :class:`MemoryUnavailable`, so that write-back waits for the API instead of
+    spending an exchange's retries. Configuration errors (a bad model name, 401, 403,
+    404, a wrong ``dim``) stay what they are: waiting would not mend them.
     """
 
     def __init__(
@@ -49,20 +55,35 @@ class LiteLLMEmbedder(Embedder):
         # bundled copy; the memory layer must work offline.
         offline.configure()
         import litellm
+        import openai
 
         self._litellm = litellm
+        errors = litellm.exceptions
+        # openai's own connection error (timeouts included) in case litellm lets one through.
+        self._transient: tuple[type[BaseException], ...] = (
+            errors.APIConnectionError, errors.Timeout, errors.RateLimitError,
+            errors.InternalServerError, errors.ServiceUnavailableError, errors.BadGatewayError,
+            openai.APIConnectionError)
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        response = self._litellm.embedding(
-            model=self.model_id,
-            input=list(texts),
-            api_base=self._api_base,
-            api_key=self._api_key,
-            timeout=self._timeout,
-            **self._extra,
-        )
+        try:
+            response = self._litellm.embedding(
+                model=self.model_id,
+                input=list(texts),
+                api_base=self._api_base,
+                api_key=self._api_key,
+                timeout=self._timeout,
+                **self._extra,
+            )
+        except Exception as exc:
+            if not self._cannot_serve_now(exc):
+                raise
+            # The message names the failure's type only: API errors can quote the input.
+            raise MemoryUnavailable(
+                f"The embeddings API is unavailable ({type(exc).__name__}); try again later."
+            ) from exc
         items = sorted(response.data, key=lambda item: _field(item, "index"))
         if len(items) != len(texts):
             raise RuntimeError(f"{self.model_id} returned {len(items)} embeddings for {len(texts)} texts")
@@ -76,6 +97,13 @@ class LiteLLMEmbedder(Embedder):
         vectors = np.asarray(raw, dtype=np.float64)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return (vectors / np.maximum(norms, 1e-12)).tolist()
+
+    def _cannot_serve_now(self, exc: Exception) -> bool:
+        if isinstance(exc, self._transient):
+            return True
+        # litellm raises its generic APIError for statuses it does not map (a 403 too).
+        status = getattr(exc, "status_code", None)
+        return isinstance(status, int) and (status in (408, 429) or status >= 500)
 
 
 def _field(item: Any, name: str) -> Any:

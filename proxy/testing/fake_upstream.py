@@ -1,13 +1,16 @@
 """A scripted fake OpenAI-compatible upstream, on the standard library alone.
 
 Tests and benchmarks start it on loopback and point a model's ``api_base`` at it.
-Each request takes the next scripted step (``enqueue``); with none queued it answers
-a fixed completion, streamed when asked. Every request is kept in ``history``.
+Each request takes the next scripted step (``enqueue``); with none queued it takes
+``fallback`` if one is set (an upstream that stays down: ``Status(503)``), else it
+answers a fixed completion, streamed when asked, or on ``/embeddings`` one vector per
+input text (:class:`Embeddings`). Every request is kept in ``history``.
 
     with FakeUpstream() as up:
         up.enqueue(Reply({"choices": ...}), Status(503), Delay(2.0), Malformed(),
                    Raw(b"data: ..."), Stream([chunk, chunk], cut=True),
-                   Stream([chunk, Delay(5.0), b"data: {oops"]))
+                   Stream([chunk, Delay(5.0), b"data: {oops"]), Embeddings(dim=8))
+        up.fallback = Status(503, headers={"retry-after-ms": "1"})  # down until reset
         ...
         up.history[0].body["model"]
 
@@ -17,8 +20,12 @@ Run alone for benchmarks: ``python -m proxy.testing.fake_upstream --port 9100``.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
+import re
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -44,6 +51,9 @@ class Status:
     status: int
     message: str = "scripted error"
     code: str | None = None
+    #: Extra response headers. ``retry-after-ms`` makes OpenAI's client retry at once
+    #: instead of backing off for a second or more.
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +90,18 @@ class Delay:
 
     seconds: float
     then: Any = None
+
+
+@dataclass
+class Embeddings:
+    """An embeddings reply: one unit vector of ``dim`` floats per input text, in order.
+
+    Vectors hash the text's words, so the same text always gets the same vector and
+    texts sharing words get nearby ones. Honours ``encoding_format: base64``, which
+    OpenAI's client asks for by default.
+    """
+
+    dim: int = 384
 
 
 @dataclass
@@ -121,12 +143,42 @@ def default_stream(content: str = DEFAULT_TEXT, usage: bool = False) -> list[dic
     return chunks
 
 
+def embedding(text: str, dim: int = 384) -> list[float]:
+    """The vector :class:`Embeddings` answers for ``text``."""
+    vec = [0.0] * dim
+    vec[0] = 0.5  # never the zero vector, not even for a text without words
+    for word in re.findall(r"\w+", text.lower()):
+        h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
+        vec[h % dim] += 1.0 if (h >> 32) & 1 else -1.0
+    norm = sum(v * v for v in vec) ** 0.5
+    return [v / norm for v in vec]
+
+
+def embeddings_reply(body: dict[str, Any], dim: int = 384) -> dict[str, Any]:
+    raw = body.get("input")
+    inputs = raw if isinstance(raw, list) else [raw]
+    # Token arrays are embedded by their JSON text: stable, if meaningless.
+    texts = [item if isinstance(item, str) else json.dumps(item) for item in inputs]
+    data: list[dict[str, Any]] = []
+    for index, text in enumerate(texts):
+        vec = embedding(text, dim)
+        value: Any = vec
+        if body.get("encoding_format") == "base64":
+            value = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": value})
+    tokens = sum(len(t.split()) for t in texts)
+    return {"object": "list", "data": data, "model": body.get("model", "fake-embedding"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
 @dataclass
 class _Script:
     steps: deque[Any] = field(default_factory=deque)
     history: list[Recorded] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     record: bool = True
+    fallback: Any = None
+    embedding_dim: int = 384
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -160,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
             if script.record:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 script.history.append(Recorded(self.path, headers, body))
-            step = script.steps.popleft() if script.steps else None
+            step = script.steps.popleft() if script.steps else script.fallback
         self._run(step, body if isinstance(body, dict) else {})
 
     def _run(self, step: Any, body: dict[str, Any]) -> None:
@@ -168,7 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(step.seconds)
             step = step.then
         if step is None:
-            if body.get("stream"):
+            if self.path.rstrip("/").endswith("/embeddings"):
+                step = Embeddings(self.server.script.embedding_dim)
+            elif body.get("stream"):
                 include = bool((body.get("stream_options") or {}).get("include_usage"))
                 step = Stream(default_stream(usage=include))
             else:
@@ -178,7 +232,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif isinstance(step, Status):
             etype = "invalid_request_error" if step.status < 500 else "server_error"
             self._json(step.status, {"error": {"message": step.message, "type": etype,
-                                                "param": None, "code": step.code}})
+                                                "param": None, "code": step.code}},
+                       step.headers)
+        elif isinstance(step, Embeddings):
+            self._json(200, embeddings_reply(body, step.dim))
         elif isinstance(step, Malformed):
             self._send(200, step.body, "application/json")
         elif isinstance(step, Raw):
@@ -188,12 +245,16 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             raise TypeError(f"unknown step {step!r}")
 
-    def _json(self, status: int, payload: dict[str, Any]) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json")
+    def _json(self, status: int, payload: dict[str, Any],
+              headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json", headers)
 
-    def _send(self, status: int, data: bytes, content_type: str) -> None:
+    def _send(self, status: int, data: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("content-type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -236,9 +297,10 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeUpstream:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True,
+                 embedding_dim: int = 384) -> None:
         self._server = _Server((host, port), _Handler)
-        self._server.script = _Script(record=record)
+        self._server.script = _Script(record=record, embedding_dim=embedding_dim)
         self._thread: threading.Thread | None = None
 
     @property
@@ -257,6 +319,16 @@ class FakeUpstream:
     def enqueue(self, *steps: Any) -> None:
         with self._server.script.lock:
             self._server.script.steps.extend(steps)
+
+    @property
+    def fallback(self) -> Any:
+        """The step every request takes while none is queued; None: the default reply."""
+        return self._server.script.fallback
+
+    @fallback.setter
+    def fallback(self, step: Any) -> None:
+        with self._server.script.lock:
+            self._server.script.fallback = step
 
     def start(self) -> FakeUpstream:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
