@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ offline.configure()
 
 from proxy.app import create_app  # noqa: E402
 from proxy.backends.llamacpp import LlamaCppBackend  # noqa: E402
+from proxy.backends.stats import Timing  # noqa: E402
 from proxy.settings import ActivationSettings, ModelConfig, Settings  # noqa: E402
 from proxy.testing.live import Live, serve  # noqa: E402
 
@@ -59,7 +61,7 @@ def fact(n: int) -> str:
 
 
 def backend(live: Live) -> LlamaCppBackend:
-    b = live.app.state.chat.backends["local"]
+    b = live.context.backends["local"]
     assert isinstance(b, LlamaCppBackend)
     return b
 
@@ -102,9 +104,9 @@ def ttft(live: Live, user: str) -> tuple[float, str, str]:
     return first, raw.headers["x-memcube-activation"], "".join(text)
 
 
-def restore_delta(live: Live, before: list[float]) -> float:
+def restore_delta(live: Live, before: Timing) -> float:
     after = backend(live).activation.restore_seconds
-    return (after[1] - before[1]) / max(1.0, after[0] - before[0])
+    return (after.seconds - before.seconds) / max(1.0, after.count - before.count)
 
 
 def main() -> None:
@@ -130,7 +132,7 @@ def main() -> None:
             assert state == "miss", state
             warm, restores = [], []
             for _ in range(args.warm_runs):
-                before = list(backend(live).activation.restore_seconds)
+                before = replace(backend(live).activation.restore_seconds)
                 t, state, text = ttft(live, user)
                 assert state == "hit" and text == cold_text, (state, text, cold_text)
                 warm.append(t)
@@ -140,7 +142,7 @@ def main() -> None:
             state_bytes = states.ram_used()
             states._ram.clear()  # noqa: SLF001 - empty the RAM tier: the next hit is from disk
             states._ram_used = 0  # noqa: SLF001
-            before = list(backend(live).activation.restore_seconds)
+            before = replace(backend(live).activation.restore_seconds)
             disk, state, text = ttft(live, user)
             assert state == "hit" and text == cold_text
             disk_restore = restore_delta(live, before)

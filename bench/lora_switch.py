@@ -98,11 +98,10 @@ def main() -> None:
     times: dict[tuple[str, bool], list[float]] = {(k, d): [] for k in patterns
                                                   for d in (True, False)}
     with serve(create_app(settings)) as live:
-        backend = live.app.state.chat.backends["local"]
+        backend = live.context.backends["local"]
         assert isinstance(backend, LlamaCppBackend)
-        llm = backend._llm  # noqa: SLF001 - the end tokens, to hold every generation at 32
-        ends = {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}
-        bias = {str(t): -100.0 for t in ends}
+        # The end tokens banned, to hold every generation at 32.
+        bias = {str(t): -100.0 for t in backend.end_token_ids()}
         run(live, ["a", "b"], bias, True)  # warm up: load both, first prefill
         for r in range(args.rounds):
             for distinct in (True, False):

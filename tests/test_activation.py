@@ -3,7 +3,6 @@ through the real HTTP server (real llama.cpp, Qdrant Edge, MiniLM, the openai SD
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Iterator
@@ -194,14 +193,14 @@ def chat(live: Live, tenant: str, user: str, *, stream: bool = False,
 
 
 def local(live: Live) -> LlamaCppBackend:
-    b = live.app.state.chat.backends["local"]
+    b = live.context.backends["local"]
     assert isinstance(b, LlamaCppBackend)
     return b
 
 
 def cold(live: Live, tenant: str, user: str) -> str:
     """The same request's prompt, run from a cleared context with no saved state."""
-    service = live.app.state.memory_service
+    service = live.context.memory_service()
     b = local(live)
 
     async def run() -> str:
@@ -209,16 +208,13 @@ def cold(live: Live, tenant: str, user: str) -> str:
                     options={"write": False})
         recall = await service.recall(turn, QUESTION)
         body = {"messages": recall.messages, "max_tokens": 16, "temperature": 0}
-        tokens, kwargs, _ = b._prepare(body)
+        tokens, kwargs, _ = b.prepare(body)
 
-        def generate() -> str:
-            b._clear()
-            b._owner = None
-            out = b._llm.create_completion(tokens, **kwargs)
+        def generate(llm: Any) -> str:
+            out = llm.create_completion(tokens, **kwargs)
             return str(out["choices"][0]["text"])
 
-        async with b._lock:
-            return await asyncio.get_running_loop().run_in_executor(b._executor, generate)
+        return await b.run_cleared(generate)
 
     return live.call(run())
 
@@ -273,7 +269,7 @@ def test_state_is_never_shared_across_tenants(live: Live) -> None:
     chat(live, "acme", "sam")
     b = local(live)
     chat(live, "globex", "sam", memory={"enabled": False})
-    assert b._owner == ("globex", None)
+    assert b.owner == ("globex", None)
     assert b.last_prompt_reused == 0
 
 

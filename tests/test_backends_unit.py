@@ -190,9 +190,9 @@ def test_litellm_reports_an_upstream_4xx_even_after_retried_connection_errors() 
         limited = litellm.RateLimitError('{"error": {"message": "slow down"}}',
                                          llm_provider="openai", model="m")
         limited.__context__ = first
-    mapped = backend._map_error(limited)
+    mapped = backend.map_error(limited)
     assert isinstance(mapped, UpstreamStatusError) and mapped.status == 429
     # A 500 that hides a refused connection is still reported as unreachable.
     hidden = litellm.InternalServerError("Connection error.", llm_provider="openai", model="m")
     hidden.__cause__ = ConnectionError("refused")
-    assert isinstance(backend._map_error(hidden), UpstreamUnavailableError)
+    assert isinstance(backend.map_error(hidden), UpstreamUnavailableError)

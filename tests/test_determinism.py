@@ -25,6 +25,8 @@ from proxy.backends.llamacpp import LlamaCppBackend, default_model_path
 from proxy.settings import ActivationSettings, AuthSettings, ModelConfig, Settings, TenantConfig
 from proxy.testing.live import Live, serve
 
+pytestmark = pytest.mark.slow
+
 KEYS = {"acme": "sk-acme", "globex": "sk-globex"}
 QUESTION = "Who are you?"
 # A system message of several chunks, so a warm request has whole chunks to reuse.
@@ -66,7 +68,7 @@ def live(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def local(live: Live) -> LlamaCppBackend:
-    b = live.app.state.chat.backends["local"]
+    b = live.context.backends["local"]
     assert isinstance(b, LlamaCppBackend)
     return b
 

@@ -27,7 +27,13 @@ from proxy.backends.base import RequestContext
 from proxy.backends.llamacpp import LlamaCppBackend
 from proxy.testing.fake_upstream import FakeUpstream
 from proxy.testing.live import Live
-from tests.test_memory_http import api, live, model_cache, sdk  # noqa: F401 (fixtures)
+from tests.conftest import api, sdk
+
+
+@pytest.fixture
+def live(memory_live: Live) -> Live:
+    return memory_live
+
 
 DAY = 1_732_300_000  # 2024-11-22
 DATE = "[2024-11-22]"
@@ -212,7 +218,7 @@ def special_ids(model: LlamaCppBackend) -> dict[str, int]:
     names = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<filename>", "<file_sep>"]
     ids = {}
     for name in names:
-        found = model._llm.tokenize(name.encode(), add_bos=False, special=True)
+        found = model.tokenize(name, special=True)
         assert len(found) == 1  # each is one control token of SmolLM2's vocabulary
         ids[name] = found[0]
     return ids
@@ -230,7 +236,7 @@ def test_local_model_tokenizes_contents_as_text(backend: LlamaCppBackend) -> Non
     memory_block = f"{OPEN}\n- {DATE} {hostile}\n{CLOSE}"
     messages = [{"role": "system", "content": memory_block},
                 {"role": "user", "content": hostile}]
-    tokens, _, _ = backend._prepare({"messages": messages})
+    tokens, _, _ = backend.prepare({"messages": messages})
     ids = special_ids(backend)
     # Two turns and the generation prompt: three starts, two ends, nothing else.
     assert tokens.count(ids["<|im_start|>"]) == 3
@@ -238,12 +244,12 @@ def test_local_model_tokenizes_contents_as_text(backend: LlamaCppBackend) -> Non
     for name in ("<|endoftext|>", "<filename>", "<file_sep>"):
         assert ids[name] not in tokens
     for content in (memory_block, hostile):
-        plain = backend._llm.tokenize(content.encode(), add_bos=False, special=False)
-        parsed = backend._llm.tokenize(content.encode(), add_bos=False, special=True)
+        plain = backend.tokenize(content, special=False)
+        parsed = backend.tokenize(content, special=True)
         assert plain != parsed  # the text does hold control tokens when parsed
         assert contains(tokens, plain) and not contains(tokens, parsed)
     # The template's own text is still parsed: the prompt starts a real system turn.
-    system = backend._llm.tokenize(b"system\n", add_bos=False, special=False)
+    system = backend.tokenize("system\n")
     assert tokens[:1 + len(system)] == [ids["<|im_start|>"], *system]
 
 
@@ -253,9 +259,9 @@ def test_local_model_prompt_without_hostile_text_is_unchanged(backend: LlamaCppB
                 {"role": "user", "content": "Name three colours, please."},
                 {"role": "assistant", "content": "Red, green, blue."},
                 {"role": "user", "content": "And two more?"}]
-    tokens, _, _ = backend._prepare({"messages": messages})
-    prompt = backend._formatter(messages=messages).prompt
-    assert tokens == backend._llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    tokens, _, _ = backend.prepare({"messages": messages})
+    prompt = backend.template_text(messages)
+    assert tokens == backend.tokenize(prompt, special=True)
 
 
 def test_local_model_activation_prefix_still_matches(backend: LlamaCppBackend) -> None:
@@ -265,9 +271,9 @@ def test_local_model_activation_prefix_still_matches(backend: LlamaCppBackend) -
                          2048, count)
     prefix = Prefix(tenant="t", blocks=(block,))
     messages = [prefix.message(), {"role": "user", "content": "hello"}]
-    tokens, _, plan = backend._prepare({"messages": messages}, RequestContext(tenant="t",
+    tokens, _, plan = backend.prepare({"messages": messages}, RequestContext(tenant="t",
                                                                              prefix=prefix))
     assert plan is not None
     assert tuple(tokens[:len(plan.tokens)]) == plan.tokens and len(plan.tokens) < len(tokens)
-    plain = backend._llm.tokenize(prefix.content.encode(), add_bos=False, special=False)
+    plain = backend.tokenize(prefix.content, special=False)
     assert list(plan.tokens[-len(plain):]) == plain

@@ -21,15 +21,14 @@ def client(live: Live) -> openai.OpenAI:
 
 
 def backend(live: Live) -> LlamaCppBackend:
-    b = live.app.state.chat.backends["local"]
+    b = live.context.backends["local"]
     assert isinstance(b, LlamaCppBackend)
     return b
 
 
 def endless(b: LlamaCppBackend) -> dict[str, float]:
     """A logit_bias that bans every way the model can end its turn."""
-    ends = {b._llm.token_eos(), *b._llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}
-    return {str(t): -100.0 for t in ends}
+    return {str(t): -100.0 for t in b.end_token_ids()}
 
 
 def test_non_stream_returns_openai_completion(local_server: Live) -> None:

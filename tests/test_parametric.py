@@ -29,6 +29,8 @@ from proxy.settings import (
 from proxy.testing.fake_upstream import FakeUpstream
 from proxy.testing.live import Live, serve
 
+pytestmark = pytest.mark.slow
+
 BASE = default_model_path()
 KEYS = {"acme": "sk-acme", "globex": "sk-globex", "initech": "sk-initech"}
 ADMIN = "sk-admin"
@@ -127,7 +129,7 @@ def admin(live: Live, method: str, path: str, key: str = ADMIN, **kw: Any) -> ht
 
 
 def backend(live: Live) -> LlamaCppBackend:
-    b = live.app.state.chat.backends["local"]
+    b = live.context.backends["local"]
     assert isinstance(b, LlamaCppBackend)
     return b
 

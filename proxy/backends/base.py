@@ -11,9 +11,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from memory.activation import Prefix
+from memory.activation import Prefix, StateCache
+from proxy.backends.stats import ActivationStats, AdapterStats
 
 
 @dataclass(slots=True)
@@ -49,13 +51,25 @@ class StreamEvent:
 
 
 class ChatBackend(ABC):
-    """One configured model. ``start`` and ``close`` bracket the app's lifetime."""
+    """One configured model. ``start`` and ``close`` bracket the app's lifetime.
 
-    kind: str = "backend"
+    What a backend can do beyond chat is stated by its class attributes, and the
+    methods that go with each have defaults here, so callers ask, never probe."""
+
     # Stop work when the client of a non-stream request leaves. Worth a watcher task
     # per request where work is expensive here (local generation); a remote upstream
     # does not stop generating because we hang up, so its backends leave it off.
     cancel_on_disconnect: bool = False
+    #: Counts tokens with the model's own tokenizer (``count_tokens``): memory blocks are
+    #: budgeted in it. Others are budgeted with tiktoken.
+    counts_tokens: bool = False
+    #: Applies LoRA files itself (``register_adapter``); others may call another model.
+    takes_lora_files: bool = False
+    #: Saved activation states (activation memory), for metrics; None: it keeps none.
+    states: StateCache | None = None
+    #: What it reports of activation memory and LoRA adapters (None: nothing).
+    activation: ActivationStats | None = None
+    adapter_stats: AdapterStats | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load or connect; called once at startup."""
@@ -67,9 +81,21 @@ class ChatBackend(ABC):
     def ready(self) -> bool:
         return True
 
-    async def warm(self, prefix: Prefix) -> None:  # noqa: B027 - optional hook
-        """Prepare for requests that will start with ``prefix`` (activation memory).
-        Backends that keep model state save it now; the others have nothing to do."""
+    async def warm(self, prefix: Prefix, adapter: str | None) -> None:  # noqa: B027 - optional hook
+        """Prepare for requests that will start with ``prefix`` (activation memory), run
+        with ``adapter``. Backends that keep model state save it now; the others have
+        nothing to do."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in the model's own tokenizer (where ``counts_tokens``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not count tokens")
+
+    async def register_adapter(self, name: str, path: Path, scale: float = 1.0) -> None:
+        """Load a LoRA file (where ``takes_lora_files``)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no LoRA files")
+
+    async def unregister_adapter(self, name: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} takes no LoRA files")
 
     @abstractmethod
     async def complete(self, body: dict[str, Any],

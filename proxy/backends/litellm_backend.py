@@ -34,7 +34,7 @@ def _litellm() -> Any:
 
 
 class LiteLLMBackend(ChatBackend):
-    kind = "litellm"
+    """An upstream that needs translation, through litellm."""
 
     def __init__(
         self,
@@ -97,7 +97,7 @@ class LiteLLMBackend(ChatBackend):
         try:
             response = await self._llm.acompletion(**self._kwargs(body, stream=False, ctx=ctx))
         except Exception as exc:
-            raise self._map_error(exc) from None
+            raise self.map_error(exc) from None
         return Completion(data=response.model_dump(exclude_none=False))
 
     async def stream(self, body: dict[str, Any],
@@ -109,9 +109,10 @@ class LiteLLMBackend(ChatBackend):
         except ProxyError:
             raise
         except Exception as exc:
-            raise self._map_error(exc) from None
+            raise self.map_error(exc) from None
 
-    def _map_error(self, exc: Exception) -> ProxyError:
+    def map_error(self, exc: Exception) -> ProxyError:
+        """What a litellm failure means to the client."""
         llm = self._llm
         if isinstance(exc, ProxyError):
             return exc

@@ -33,7 +33,7 @@ _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class OpenAIHTTPBackend(ChatBackend):
-    kind = "direct"
+    """An OpenAI-protocol upstream relayed over pooled HTTP, only ``model`` rewritten."""
 
     def __init__(
         self,
