@@ -23,10 +23,11 @@ import os
 import struct
 import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cachetools import LRUCache
 
 from memory.inject import CLOSE, OPEN, TokenCounter, line
 from memory.models import MemoryItem
@@ -140,6 +141,23 @@ class CacheStats:
     corrupt: int = 0
 
 
+class _RamTier(LRUCache[str, "State"]):
+    """An LRU bounded in bytes that counts what it evicts."""
+
+    def __init__(self, max_bytes: int, stats: CacheStats) -> None:
+        super().__init__(maxsize=max_bytes, getsizeof=_nbytes)
+        self._stats = stats
+
+    def popitem(self) -> tuple[str, State]:
+        evicted = super().popitem()
+        self._stats.evictions["ram"] += 1
+        return evicted
+
+
+def _nbytes(state: State) -> int:
+    return state.nbytes
+
+
 class StateCache:
     """Saved states by key: a RAM LRU bounded in bytes, then files in ``directory``
     bounded in bytes (oldest used first out). A file carries its key, its tokens and a
@@ -152,8 +170,7 @@ class StateCache:
         self.ram_bytes = ram_bytes
         self.disk_bytes = disk_bytes
         self.stats = CacheStats()
-        self._ram: OrderedDict[str, State] = OrderedDict()
-        self._ram_used = 0
+        self._ram = _RamTier(ram_bytes, self.stats)
         self._lock = threading.Lock()
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
@@ -162,7 +179,12 @@ class StateCache:
 
     # sizes, for metrics
     def ram_used(self) -> int:
-        return self._ram_used
+        return int(self._ram.currsize)
+
+    def clear_ram(self) -> None:
+        """Empty the RAM tier (benchmarks read the disk tier this way)."""
+        with self._lock:
+            self._ram.clear()
 
     def disk_used(self) -> int:
         if self.directory is None:
@@ -182,9 +204,8 @@ class StateCache:
     def get(self, key: str) -> tuple[State, str] | None:
         """The state and the tier it came from (``ram`` or ``disk``), or None."""
         with self._lock:
-            state = self._ram.get(key)
+            state = self._ram.get(key)  # marks it most recently used
             if state is not None:
-                self._ram.move_to_end(key)
                 self.stats.hits["ram"] += 1
                 return state, "ram"
         state = self._read(key)
@@ -214,9 +235,7 @@ class StateCache:
 
     def discard(self, key: str) -> None:
         with self._lock:
-            state = self._ram.pop(key, None)
-            if state is not None:
-                self._ram_used -= state.nbytes
+            self._ram.pop(key, None)
         if self.directory is not None:
             self._path(key).unlink(missing_ok=True)
 
@@ -224,15 +243,7 @@ class StateCache:
         if state.nbytes > self.ram_bytes:
             return
         with self._lock:
-            old = self._ram.pop(key, None)
-            if old is not None:
-                self._ram_used -= old.nbytes
             self._ram[key] = state
-            self._ram_used += state.nbytes
-            while self._ram_used > self.ram_bytes:
-                _, evicted = self._ram.popitem(last=False)
-                self._ram_used -= evicted.nbytes
-                self.stats.evictions["ram"] += 1
 
     # -- the disk tier ------------------------------------------------------------------
 

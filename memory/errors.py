@@ -1,9 +1,10 @@
-"""Errors the memory layer raises for its callers to map (the proxy: 400, 404, 503).
+"""Errors the memory layer raises; its callers decide what they mean to theirs (the
+proxy maps them in ``proxy.errors.from_memory_error``).
 
     MemoryLayerError
-    ├── InvalidMemoryRequest   bad input (400)
-    ├── MemoryNotFound         no such memory or cube for this tenant (404)
-    └── MemoryUnavailable      the store cannot serve now: down, failing, read-only (503)
+    ├── InvalidMemoryRequest   bad input
+    ├── MemoryNotFound         no such memory or cube for this tenant
+    └── MemoryUnavailable      the store or embedder cannot serve now: down, failing, read-only
 """
 
 from __future__ import annotations
@@ -27,7 +28,3 @@ class MemoryNotFound(MemoryLayerError):
 class MemoryUnavailable(MemoryLayerError):
     """Not the request's fault and not a bug: retrying later may succeed. Chat answers
     without memory; the memory API answers 503; write-back waits for the store."""
-
-    status = 503
-    type = "api_error"
-    code = "memory_unavailable"

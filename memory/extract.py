@@ -16,23 +16,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from memory.layer import Exchange
 from memory.models import MemoryItem, MemoryType, Source
 
 log = logging.getLogger(__name__)
 
 OpKind = Literal["ADD", "UPDATE", "DELETE", "NONE"]
 _TYPES = ("fact", "preference", "event", "raw")
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    """The part of an exchange extraction reads."""
-
-    request_id: str
-    session_id: str | None
-    at: int
-    messages: Sequence[dict[str, Any]]
-    reply: str | None
 
 
 @dataclass(slots=True)
@@ -87,13 +77,13 @@ def reply_context(messages: Sequence[dict[str, Any]]) -> str | None:
     return None
 
 
-def fast(turn: Turn) -> list[Operation]:
-    source = Source(request_id=turn.request_id, session_id=turn.session_id, role="user",
-                    at=turn.at)
-    context = reply_context(turn.messages)
+def fast(exchange: Exchange) -> list[Operation]:
+    source = Source(request_id=exchange.request_id, session_id=exchange.session_id, role="user",
+                    at=exchange.at)
+    context = reply_context(exchange.messages)
     return [Operation("ADD", text=t, type="raw", context=context, sources=[source],
                       extractor="fast")
-            for t in new_user_turns(turn.messages)]
+            for t in new_user_turns(exchange.messages)]
 
 
 Complete = Callable[[list[dict[str, str]]], Awaitable[str]]
@@ -131,25 +121,25 @@ class FineExtractor:
         self.complete = complete
         self.max_facts = max_facts
 
-    async def extract(self, turn: Turn, similar: Similar) -> list[Operation]:
-        said = new_user_turns(turn.messages)
+    async def extract(self, exchange: Exchange, similar: Similar) -> list[Operation]:
+        said = new_user_turns(exchange.messages)
         if not said:
             return []
         convo = "\n".join(f"user: {t}" for t in said)
-        if turn.reply:
-            convo += f"\nassistant: {turn.reply}"
+        if exchange.reply:
+            convo += f"\nassistant: {exchange.reply}"
         try:
             reply = await self.complete([{"role": "system", "content": FACTS_PROMPT},
                                          {"role": "user", "content": convo}])
         except Exception as exc:  # the LLM is optional; the turn is not
             log.warning("fine extraction failed (%s); storing the turn as raw", type(exc).__name__)
-            return fast(turn)
+            return fast(exchange)
         facts = self._facts(reply)
         if facts is None:
             log.info("fine extraction returned no valid JSON; storing the turn as raw")
-            return fast(turn)
-        source = Source(request_id=turn.request_id, session_id=turn.session_id, role="user",
-                        at=turn.at)
+            return fast(exchange)
+        source = Source(request_id=exchange.request_id, session_id=exchange.session_id, role="user",
+                        at=exchange.at)
         ops: list[Operation] = []
         for text, kind in facts[: self.max_facts]:
             ops.append(await self._decide(text, kind, source, similar))

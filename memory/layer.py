@@ -3,11 +3,13 @@
 The proxy calls :meth:`MemoryLayer.recall` before the backend (retrieve and inject)
 and :meth:`MemoryLayer.remember` once the reply is complete, before the response
 ends (write-back to a durable outbox; extraction happens later, off the path).
+A request is a :class:`Turn` (who asks); what it said and got back, an :class:`Exchange`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from memory.activation import Prefix
@@ -34,6 +36,39 @@ class Turn:
     session_id: str | None
     model: str
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One exchange as it is recorded for write-back: who asked (a :class:`Turn`'s
+    fields), what was said, the reply, and when. Stored in the outbox as JSON."""
+
+    request_id: str
+    tenant: str
+    user: str
+    session_id: str | None
+    model: str
+    messages: list[dict[str, Any]]
+    reply: str | None
+    options: dict[str, Any]
+    at: int
+
+    @classmethod
+    def of(cls, turn: Turn, messages: list[dict[str, Any]], reply: str | None, *,
+           at: int) -> Exchange:
+        return cls(request_id=turn.request_id, tenant=turn.tenant, user=turn.user,
+                   session_id=turn.session_id, model=turn.model, messages=list(messages),
+                   reply=reply, options=dict(turn.options), at=at)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Exchange:
+        data = json.loads(text)
+        # Fields added by a newer writer are ignored so a rollback can still drain the outbox.
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(slots=True)

@@ -1,9 +1,12 @@
-"""The memory layer on fakes (in-memory store, hashing embedder) and a real outbox."""
+"""The memory layer on a real Qdrant Edge store (in a temporary directory), a hashing
+embedder and a real outbox."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +20,9 @@ from memory.models import default_cube_id
 from memory.outbox import Outbox
 from memory.redact import MASK
 from memory.service import MemoryConfig, MemoryService
+from memory.store.edge import EdgeStore
 from memory.store.faulty import FaultyStore
-from memory.store.inmemory import InMemoryStore
+from memory.store.guard import RETRY_FIRST_S, GuardedStore
 
 
 class ScriptedLLM:
@@ -36,12 +40,13 @@ class ScriptedLLM:
         return self.replies.pop(0)
 
 
-def make(tmp_path: Path, *, fine: FineExtractor | None = None) -> MemoryService:
+def make(tmp_path: Path, *, fine: FineExtractor | None = None,
+         clock: Callable[[], float] = time.monotonic) -> MemoryService:
     embedder = HashEmbedder()
-    store = InMemoryStore(embedding_model=embedder.model_id, dim=embedder.dim)
+    store = EdgeStore(tmp_path / "store", embedding_model=embedder.model_id, dim=embedder.dim)
     config = MemoryConfig(extraction="fine" if fine else "fast")
     return MemoryService(store=store, embedder=embedder, outbox=Outbox(tmp_path / "outbox.db"),
-                         config=config, fine=fine)
+                         config=config, fine=fine, clock=clock)
 
 
 @pytest.fixture
@@ -163,20 +168,20 @@ async def test_secrets_are_redacted_before_writing(svc: MemoryService) -> None:
 
 
 async def test_patch_versions_and_history(svc: MemoryService) -> None:
-    item = svc.create("t1", "alice", "I like tea")
-    v2 = svc.patch("t1", item.id, {"text": "I like green tea", "tags": ["drinks"]})
-    gone = svc.delete("t1", item.id)
+    item = svc.admin.create("t1", "alice", "I like tea")
+    v2 = svc.admin.patch("t1", item.id, {"text": "I like green tea", "tags": ["drinks"]})
+    gone = svc.admin.delete("t1", item.id)
     assert (v2.version, gone.version, gone.status) == (2, 3, "deleted")
-    assert [v.text for v in svc.history("t1", item.id)] == ["I like tea", "I like green tea",
+    assert [v.text for v in svc.admin.history("t1", item.id)] == ["I like tea", "I like green tea",
                                                            "I like green tea"]
-    assert svc.search("t1", "green tea") == []  # deleted items are not found
+    assert svc.admin.search("t1", "green tea") == []  # deleted items are not found
     with pytest.raises(MemoryNotFound):
-        svc.get("t2", item.id)
+        svc.admin.get("t2", item.id)
 
 
 async def test_budget_limits_the_block(svc: MemoryService) -> None:
     for i in range(5):
-        svc.create("t1", "alice", f"fact number {i} about gardening and roses " * 3)
+        svc.admin.create("t1", "alice", f"fact number {i} about gardening and roses " * 3)
     recall = await svc.recall(turn(max_tokens=160), said("gardening roses"))
     assert 0 < len(recall.memory_ids) < 5
 
@@ -187,21 +192,21 @@ async def test_unknown_mounted_cube_is_not_found(svc: MemoryService) -> None:
 
 
 async def test_shared_cube_mount_export_import_merge(svc: MemoryService) -> None:
-    cube = svc.create_cube("t1", "team")
-    svc.create("t1", "alice", "The office wifi is called Falcon", cube_id=cube.id)
+    cube = svc.admin.create_cube("t1", "team")
+    svc.admin.create("t1", "alice", "The office wifi is called Falcon", cube_id=cube.id)
     assert (await svc.recall(turn(user="bob"), said("office wifi falcon"))).memory_ids == []
     mounted = await svc.recall(turn(user="bob", cubes=[cube.id]), said("office wifi falcon"))
     assert len(mounted.memory_ids) == 1
-    lines = list(svc.export_cube("t1", cube.id))
+    lines = list(svc.admin.export_cube("t1", cube.id))
     assert json.loads(lines[0])["object"] == "cube"
-    svc.delete_cube("t1", cube.id)
+    svc.admin.delete_cube("t1", cube.id)
     assert svc.store.count("t1", cube_id=cube.id) == 0
-    restored, count = svc.import_cube("t1", lines)
+    restored, count = svc.admin.import_cube("t1", lines)
     assert (restored.id, count) == (cube.id, 1)
-    other = svc.create_cube("t1", "other")
-    svc.create("t1", "bob", "The office wifi is called Falcon", cube_id=other.id)
-    svc.create("t1", "bob", "Lunch is at noon", cube_id=other.id)
-    assert svc.merge_cubes("t1", other.id, cube.id) == 1  # the duplicate is skipped
+    other = svc.admin.create_cube("t1", "other")
+    svc.admin.create("t1", "bob", "The office wifi is called Falcon", cube_id=other.id)
+    svc.admin.create("t1", "bob", "Lunch is at noon", cube_id=other.id)
+    assert svc.admin.merge_cubes("t1", other.id, cube.id) == 1  # the duplicate is skipped
     assert svc.store.count("t1", cube_id=cube.id) == 2
 
 
@@ -219,20 +224,20 @@ async def test_fine_mode_add_update_delete_none(tmp_path: Path) -> None:
                 {"event": "UPDATE", "id": first.id, "text": "The user lives in Porto"})
     await svc.remember(turn(rid="b"), said("I moved to Porto"), "ok")
     await svc.flush()
-    updated = svc.get("t1", first.id)
+    updated = svc.admin.get("t1", first.id)
     assert (updated.text, updated.version) == ("The user lives in Porto", 2)
     assert [s.request_id for s in updated.sources] == ["a", "b"]
 
     llm.enqueue({"facts": ["The user lives in Porto"]}, {"event": "NONE", "id": first.id})
     await svc.remember(turn(rid="c"), said("Porto is home"), "ok")
     await svc.flush()
-    assert svc.get("t1", first.id).version == 2
+    assert svc.admin.get("t1", first.id).version == 2
 
     llm.enqueue({"facts": ["The user no longer lives in Porto"]},
                 {"event": "DELETE", "id": first.id})
     await svc.remember(turn(rid="d"), said("I left Porto"), "ok")
     await svc.flush()
-    assert svc.get("t1", first.id).status == "deleted"
+    assert svc.admin.get("t1", first.id).status == "deleted"
     await svc.stop()
     svc.close()
 
@@ -251,26 +256,23 @@ async def test_fine_mode_invalid_json_falls_back_to_fast(tmp_path: Path) -> None
 
 
 async def test_activation_blocks_refresh_when_read_and_are_forgotten_when_not(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import memory.service as service_module
-
+        tmp_path: Path) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(service_module.time, "monotonic", lambda: clock[0])
-    svc = make(tmp_path)  # not started: refresh_blocks is called by hand here
-    svc.create("t1", "alice", "Alice is vegetarian", pinned=True)
-    svc.create("t1", "bob", "Bob is vegan", pinned=True)
+    svc = make(tmp_path, clock=lambda: clock[0])  # not started: refresh is called by hand
+    svc.admin.create("t1", "alice", "Alice is vegetarian", pinned=True)
+    svc.admin.create("t1", "bob", "Bob is vegan", pinned=True)
     first = await svc.recall(turn(user="alice"), said("what do I eat"))
     await svc.recall(turn(user="bob"), said("what do I eat"))
     assert first.prefix is not None and "vegetarian" in first.prefix.content
-    computed = svc.block_refreshes
+    computed = svc.blocks.computed
     refresh = svc.config.activation_refresh
     clock[0] += refresh + 1
     await svc.recall(turn(user="alice"), said("again"))  # read since computed: refreshed
-    await svc.refresh_blocks()
-    assert svc.block_refreshes == computed + 1  # alice's only: bob's was not read since
+    await svc.blocks.refresh()
+    assert svc.blocks.computed == computed + 1  # alice's only: bob's was not read since
     clock[0] += 11 * refresh
-    await svc.refresh_blocks()
-    assert svc._blocks == {}  # nobody read them for ten intervals
+    await svc.blocks.refresh()
+    assert svc.blocks.held == set()  # nobody read them for ten intervals
     again = await svc.recall(turn(user="bob"), said("what do I eat"))
     assert again.prefix is not None and "vegan" in again.prefix.content
     svc.close()
@@ -279,36 +281,59 @@ async def test_activation_blocks_refresh_when_read_and_are_forgotten_when_not(
 # -- faults ---------------------------------------------------------------------------
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Faulty:
+    svc: MemoryService
+    store: FaultyStore
+    clock: Clock  # the guard's: after an outage it fails calls fast until its pause is over
+
+    def later(self) -> None:
+        """The guard's pause after a failure is over: the next call tries the store."""
+        self.clock.now += RETRY_FIRST_S
+
+
 @pytest.fixture
-async def faulty(tmp_path: Path) -> AsyncIterator[tuple[MemoryService, FaultyStore]]:
+async def faulty(tmp_path: Path) -> AsyncIterator[Faulty]:
     embedder = HashEmbedder()
-    store = FaultyStore(InMemoryStore(embedding_model=embedder.model_id, dim=embedder.dim))
-    service = MemoryService(store=store, embedder=embedder, outbox=Outbox(tmp_path / "o.db"))
+    store = FaultyStore(EdgeStore(tmp_path / "store", embedding_model=embedder.model_id,
+                                  dim=embedder.dim))
+    clock = Clock()
+    service = MemoryService(store=GuardedStore(store, clock=clock), embedder=embedder,
+                            outbox=Outbox(tmp_path / "o.db"))
     await service.start()
-    yield service, store
+    yield Faulty(service, store, clock)
     store.mode = "ok"
     await service.stop()
     service.close()
 
 
 async def test_recall_with_the_store_down_passes_messages_unchanged(
-        faulty: tuple[MemoryService, FaultyStore]) -> None:
-    svc, store = faulty
-    svc.create("t1", "alice", "I play the cello")
+        faulty: Faulty) -> None:
+    svc, store = faulty.svc, faulty.store
+    svc.admin.create("t1", "alice", "I play the cello")
     store.mode = "down"
     recall = await svc.recall(turn(), said("what do I play?"))
     assert (recall.messages, recall.memory_ids, recall.degraded) == (
         said("what do I play?"), [], ["recall"])
     assert svc.health()["store"] == "unavailable"
     store.mode = "ok"
+    faulty.later()
     recall = await svc.recall(turn(), said("what do I play?"))
     assert recall.degraded == [] and len(recall.memory_ids) == 1
     assert svc.health() == {"store": "ok", "outbox": "ok", "write_back": "ok"}
 
 
 async def test_unknown_cube_is_still_the_requests_fault_when_the_store_is_up(
-        faulty: tuple[MemoryService, FaultyStore]) -> None:
-    svc, store = faulty
+        faulty: Faulty) -> None:
+    svc, store = faulty.svc, faulty.store
     with pytest.raises(MemoryNotFound):
         await svc.recall(turn(cubes=["nope"]), said("anything"))
     store.mode = "down"  # it cannot be checked now: answered without memory instead
@@ -316,24 +341,25 @@ async def test_unknown_cube_is_still_the_requests_fault_when_the_store_is_up(
 
 
 async def test_memory_api_calls_raise_unavailable_not_the_store_error(
-        faulty: tuple[MemoryService, FaultyStore]) -> None:
-    svc, store = faulty
-    item = svc.create("t1", "alice", "I play the cello")
+        faulty: Faulty) -> None:
+    svc, store = faulty.svc, faulty.store
+    item = svc.admin.create("t1", "alice", "I play the cello")
     store.mode = "read-only"
-    assert svc.get("t1", item.id).text == "I play the cello"
+    assert svc.admin.get("t1", item.id).text == "I play the cello"
     with pytest.raises(MemoryUnavailable, match=r"unavailable \(OSError\)"):
-        svc.patch("t1", item.id, {"pinned": True})
+        svc.admin.patch("t1", item.id, {"pinned": True})
     store.mode = "down"
     with pytest.raises(MemoryUnavailable, match=r"unavailable \(ConnectionError\)"):
-        svc.get("t1", item.id)
+        svc.admin.get("t1", item.id)
     store.mode = "ok"
-    with pytest.raises(ValueError, match="shorter"):  # the caller's mistake stays its own
+    faulty.later()
+    with pytest.raises(ValueError, match="1 items but 0 vectors"):  # the caller's mistake stays its own
         svc.store.upsert([item], [])
 
 
 async def test_remember_reports_an_exchange_the_outbox_refused(
-        faulty: tuple[MemoryService, FaultyStore]) -> None:
-    svc, _ = faulty
+        faulty: Faulty) -> None:
+    svc = faulty.svc
     svc.outbox.limit_size(0)
     assert await svc.remember(turn(rid="big"), said("x" * 20000), "ok") is False
     recall = await svc.recall(turn(rid="next"), said("anything"))
@@ -346,9 +372,9 @@ async def test_remember_reports_an_exchange_the_outbox_refused(
 
 
 async def test_write_back_to_a_deleted_write_cube_is_skipped(svc: MemoryService) -> None:
-    cube = svc.create_cube("t1", "team")
+    cube = svc.admin.create_cube("t1", "team")
     await svc.remember(turn(write_cube=cube.id), said("The team meets on Fridays"), "ok")
-    svc.delete_cube("t1", cube.id)  # before the worker gets to it
+    svc.admin.delete_cube("t1", cube.id)  # before the worker gets to it
     await svc.flush()
     assert svc.store.list_items("t1")[0] == []
     assert svc.outbox.dead_count() == 0
@@ -361,10 +387,16 @@ async def test_pieces_follow_what_the_store_learns_when_it_connects(tmp_path: Pa
     inner = service.store.inner  # type: ignore[attr-defined]
     inner.multivector = False
     assert not service.store.multivector and not FaultyStore(inner).multivector
-    first = service.create_many("t1", [{"user": "u", "text": "One part here. Another part there."}])
-    assert len(inner._points[first[0].point_id][1]) == 1  # its whole text's vector only
+    first = service.admin.create_many("t1", [{"user": "u", "text": "One part here. Another part there."}])
+    assert dense_vectors(inner, first[0].point_id) == 1  # its whole text's vector only
     inner.multivector = True
     assert service.store.multivector and FaultyStore(inner).multivector
-    second = service.create_many("t1", [{"user": "u", "text": "Third part here. Fourth part there."}])
-    assert len(inner._points[second[0].point_id][1]) == 2  # a vector per sentence
+    second = service.admin.create_many("t1", [{"user": "u", "text": "Third part here. Fourth part there."}])
+    assert dense_vectors(inner, second[0].point_id) == 2  # a vector per sentence
     service.close()
+
+
+def dense_vectors(store: EdgeStore, point_id: str) -> int:
+    """How many vectors the store keeps as a point's ``dense`` (one per piece)."""
+    found = store.engine.shard.retrieve([point_id], with_payload=False, with_vector=True)
+    return len(found[0].vector["dense"])
