@@ -91,7 +91,7 @@ def main() -> None:
     search_ms: list[float] = []
     with serve(create_app(settings)) as live, httpx.Client(base_url=live.base_url,
                                                             timeout=300) as client:
-        service = live.app.state.memory_service
+        service = live.context.memory_service()
         top_k = service.config.top_k
         budget = service.config.max_tokens
         start = time.perf_counter()

@@ -18,15 +18,20 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from proxy import headers
+from proxy.admin.keys import digest, stored_digest
 from proxy.errors import AuthenticationError, NotFoundError, PermissionDeniedError, RateLimitError
-from proxy.keys import digest, stored_digest
 from proxy.settings import TenantConfig
+from proxy.state import request_state
+
+if TYPE_CHECKING:
+    from proxy.context import AppContext
 
 DEFAULT_TENANT = "default"
-TENANT_HEADER = "x-memcube-tenant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,25 +114,32 @@ class RateLimiter:
 
 def authenticate(request: Request) -> Principal:
     """The caller's principal (kept in the request state), or a 401, 403, 404 or 429."""
-    app_state = request.app.state
-    keys: KeyRing = app_state.keys
+    ctx: AppContext = request.app.state.context
+    keys = ctx.tenants.keys
     principal = keys.identify(request.headers.get("authorization"))
-    principal = keys.acting_as(principal, request.headers.get(TENANT_HEADER))
+    principal = keys.acting_as(principal, request.headers.get(headers.TENANT))
     rpm = None if principal.admin else keys.limits.get(principal.tenant)
     if rpm:
-        wait = app_state.rate_limiter.wait_needed(principal.tenant, rpm)
+        wait = ctx.rate_limiter.wait_needed(principal.tenant, rpm)
         if wait:
             raise RateLimitError(
                 f"Rate limit of {rpm} requests per minute reached for tenant "
                 f"'{principal.tenant}'; retry after {wait:.1f} s.",
                 retry_after=max(1, math.ceil(wait)))
-    request.scope["state"]["principal"] = principal
+    request_state(request).principal = principal
+    return principal
+
+
+def principal_of(request: Request) -> Principal:
+    """The principal :func:`authenticate` found for this request."""
+    principal = request_state(request).principal
+    assert principal is not None, "the route did not authenticate"
     return principal
 
 
 def require_admin(request: Request, what: str) -> Principal:
     """The caller's principal if it holds an admin key, else a 403 naming ``what``."""
-    principal: Principal = request.scope["state"]["principal"]
+    principal = principal_of(request)
     if not principal.admin:
         raise PermissionDeniedError(f"Only admin keys may manage {what}.")
     return principal

@@ -77,7 +77,7 @@ def adapters(args: argparse.Namespace) -> int:
 
 
 def keys(args: argparse.Namespace) -> int:
-    from proxy.keys import hashed_form, new_key
+    from proxy.admin.keys import hashed_form, new_key
 
     if args.verb == "new":
         key = new_key()

@@ -5,16 +5,22 @@ with an HTTP status. The tree::
 
     ProxyError                      500 api_error
     ├── InvalidRequestError         400 invalid_request_error
-    │   └── PayloadTooLargeError    413 invalid_request_error
+    │   ├── PayloadTooLargeError    413 invalid_request_error
+    │   └── UnsupportedMediaError   415 invalid_request_error
     ├── AuthenticationError         401 authentication_error
     ├── PermissionDeniedError       403 permission_error
-    ├── RateLimitError              429 rate_limit_error, with Retry-After
     ├── NotFoundError               404 not_found_error
     │   └── ModelNotFoundError      404 not_found_error, code model_not_found
+    ├── ConflictError               409 conflict_error
+    ├── RateLimitError              429 rate_limit_error, with Retry-After
+    ├── MemoryUnavailableError      503 api_error, code memory_unavailable
     └── UpstreamError               502 api_error (5xx and malformed replies)
         ├── UpstreamStatusError     the upstream's own 4xx, kept
         ├── UpstreamTimeoutError    504
         └── UpstreamUnavailableError 502, connection refused or reset
+
+The memory layer raises its own errors (``memory.errors``), which know nothing of
+HTTP; :func:`from_memory_error` is the one place they become these.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import json
 from typing import Any
 
 from starlette.responses import Response
+
+from memory.errors import InvalidMemoryRequest, MemoryLayerError, MemoryNotFound, MemoryUnavailable
 
 # OpenAI's error types by HTTP status, for statuses that come from elsewhere (an upstream).
 _TYPE_BY_STATUS = {
@@ -80,6 +88,11 @@ class PayloadTooLargeError(InvalidRequestError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaError(InvalidRequestError):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class AuthenticationError(ProxyError):
     status = 401
     type = "authentication_error"
@@ -114,6 +127,28 @@ class ModelNotFoundError(NotFoundError):
     def __init__(self, model: str) -> None:
         shown = model if len(model) <= 200 else f"{model[:200]}..."  # never echo 100 KB
         super().__init__(f"The model '{shown}' does not exist", param="model")
+
+
+class ConflictError(ProxyError):
+    status = 409
+    type = "conflict_error"
+
+
+class MemoryUnavailableError(ProxyError):
+    """The memory store (or the embedder) cannot serve now; retrying later may succeed."""
+
+    status = 503
+    code = "memory_unavailable"
+
+
+def from_memory_error(exc: MemoryLayerError) -> ProxyError:
+    if isinstance(exc, MemoryNotFound):
+        return NotFoundError(exc.message, param=exc.param)
+    if isinstance(exc, InvalidMemoryRequest):
+        return InvalidRequestError(exc.message, param=exc.param)
+    if isinstance(exc, MemoryUnavailable):
+        return MemoryUnavailableError(exc.message)
+    return ProxyError(exc.message)
 
 
 class UpstreamError(ProxyError):

@@ -11,7 +11,7 @@ import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,15 +19,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy import headers
+from proxy.backends.base import ChatBackend
 from proxy.errors import InvalidRequestError, PayloadTooLargeError, ProxyError, error_response
 from proxy.protocol import MAX_ID_LENGTH
+from proxy.state import RequestState, attach
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 access_log = logging.getLogger("proxy.access")
 
-REQUEST_ID_HEADER = "x-memcube-request-id"
 # Headers that name a user or session, as the chat path and memory API read them.
-_ID_HEADERS = {b"x-memcube-user": "X-Memcube-User", b"x-memcube-session": "X-Memcube-Session"}
+_ID_HEADERS = {name.encode(): shown for name, shown in headers.ID_HEADERS.items()}
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                     30, 60, 120)
 
@@ -78,7 +80,7 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def watch_activation(self, backends: Mapping[str, Any]) -> None:
+    def watch_activation(self, backends: Mapping[str, ChatBackend]) -> None:
         """Export the activation memory of every backend that keeps it (the local one)."""
         self.registry.register(ActivationCollector(backends))
 
@@ -87,14 +89,14 @@ class Metrics:
         service, or None while there is none)."""
         self.registry.register(MemoryCollector(service))
 
-    def observe(self, state: dict[str, Any], route: str, status: int, seconds: float) -> None:
-        for component in state.get("degraded") or ():
+    def observe(self, state: RequestState, route: str, status: int, seconds: float) -> None:
+        for component in state.degraded:
             self.degraded.labels(component).inc()
-        model = str(state.get("model") or "")
+        model = state.model
         code = str(status)
         self.requests.labels(route, model, code).inc()
         self.latency.labels(route, model).observe(seconds)
-        error_type = state.get("error_type")
+        error_type = state.error_type
         if status >= 400 or error_type:
             self.errors.labels(route, model, code, error_type or "error").inc()
 
@@ -111,8 +113,8 @@ class ProxyMiddleware:
             return
         rid = uuid.uuid4().hex
         token = request_id_var.set(rid)
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = rid
+        state = RequestState(request_id=rid)
+        attach(scope, state)
         header_value = rid.encode()
         start = time.perf_counter()
         status = 500
@@ -136,7 +138,7 @@ class ProxyMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []),
-                                      (REQUEST_ID_HEADER.encode(), header_value)]
+                                      (headers.REQUEST_ID.encode(), header_value)]
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 # Recorded before the last byte leaves: a client that reads /metrics or
                 # the log right after its response must find this request there.
@@ -157,7 +159,7 @@ class ProxyMiddleware:
         try:
             refused = _refused(scope, limit)
             if refused is not None:
-                state["error_type"] = refused.type
+                state.error_type = refused.type
                 await error_response(refused)(scope, receive, send_wrapper)
                 return
             await self.app(scope, limited_receive, send_wrapper)
@@ -205,13 +207,8 @@ class ActivationCollector(Collector):
     background rebuilds, states evicted and found corrupt, bytes per tier, and the time
     restores and builds took."""
 
-    def __init__(self, backends: Mapping[str, Any]) -> None:
+    def __init__(self, backends: Mapping[str, ChatBackend]) -> None:
         self.backends = backends
-
-    def _local(self) -> Iterable[tuple[str, Any]]:
-        for name, backend in self.backends.items():
-            if getattr(backend, "states", None) is not None:
-                yield name, backend
 
     def collect(self) -> Iterator[Any]:
         hits = CounterMetricFamily("memcube_activation_hits", "Prefix states restored.",
@@ -233,8 +230,10 @@ class ActivationCollector(Collector):
                                       "Time to restore a prefix state.", labels=["model"])
         build = SummaryMetricFamily("memcube_activation_build_seconds",
                                     "Time to compute and save a prefix state.", labels=["model"])
-        for name, backend in self._local():
+        for name, backend in self.backends.items():
             states, act = backend.states, backend.activation
+            if states is None or act is None:
+                continue
             stats = states.stats
             for tier in ("ram", "disk"):
                 hits.add_metric([name, tier], stats.hits[tier])
@@ -244,8 +243,8 @@ class ActivationCollector(Collector):
             corrupt.add_metric([name], stats.corrupt)
             size.add_metric([name, "ram"], states.ram_used())
             size.add_metric([name, "disk"], states.disk_used())
-            restore.add_metric([name], act.restore_seconds[0], act.restore_seconds[1])
-            build.add_metric([name], act.build_seconds[0], act.build_seconds[1])
+            restore.add_metric([name], act.restore_seconds.count, act.restore_seconds.seconds)
+            build.add_metric([name], act.build_seconds.count, act.build_seconds.seconds)
         yield from (hits, misses, rebuilds, evictions, corrupt, size, restore, build)
         loads = CounterMetricFamily("memcube_adapter_loads", "LoRA adapters loaded into a "
                                     "local model.", labels=["model"])
@@ -254,12 +253,12 @@ class ActivationCollector(Collector):
         uses = CounterMetricFamily("memcube_adapter_requests", "Local requests by adapter "
                                    "('' = none).", labels=["model", "adapter"])
         for name, backend in self.backends.items():
-            stats = getattr(backend, "adapter_stats", None)
-            if stats is None:
+            used = backend.adapter_stats
+            if used is None:
                 continue
-            loads.add_metric([name], stats.loads)
-            dropped.add_metric([name], stats.evictions)
-            for adapter, count in sorted(stats.requests.items()):
+            loads.add_metric([name], used.loads)
+            dropped.add_metric([name], used.evictions)
+            for adapter, count in sorted(used.requests.items()):
                 uses.add_metric([name, adapter], count)
         yield from (loads, dropped, uses)
 

@@ -1,7 +1,4 @@
-"""OpenAI protocol models for the chat endpoint, and how every JSON body is read.
-
-Request models accept unknown fields (they pass through to the upstream); the proxy
-validates only what it reads or what would otherwise fail obscurely downstream.
+"""How every JSON body is read and validated, and the protocol's shared bounds and ids.
 
 Every JSON body (chat and the memory, cube and adapter APIs) is read by
 :func:`parse_json`: strict UTF-8, no ``NaN``/``Infinity``, and nesting bounded by
@@ -14,13 +11,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 from starlette.requests import Request
 
-from proxy.errors import InvalidRequestError
+from proxy.errors import InvalidRequestError, UnsupportedMediaError
 
 B = TypeVar("B", bound=BaseModel)
 
@@ -32,54 +29,6 @@ MAX_CUBES = 64
 #: A C int: larger token counts, seeds and the like overflow local backends.
 MAX_INT32 = 2**31 - 1
 _BOM = b"\xef\xbb\xbf"
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    include_usage: bool = False
-
-
-class MemoryOptions(BaseModel):
-    """The `memory` extension object: how this request reads and writes memory."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    enabled: bool = True
-    write: bool = True
-    cubes: list[Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]] | None = Field(
-        default=None, max_length=MAX_CUBES)
-    write_cube: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
-    top_k: int | None = Field(default=None, ge=0, le=100)
-    max_tokens: int | None = Field(default=None, ge=0, le=MAX_INT32)
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=128)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    user: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
-    memory: MemoryOptions | None = None
 
 
 def _param_from_loc(loc: tuple[int | str, ...], body: Any, *, missing: bool = False) -> str | None:
@@ -149,19 +98,8 @@ def check_json_content_type(content_type: str | None) -> None:
     if media == "application/json" or (media.startswith("application/")
                                        and media.endswith("+json")):
         return
-    raise InvalidRequestError(
-        f"Unsupported Content-Type '{media[:100]}': send the body as application/json.",
-        status=415, code="unsupported_media_type")
-
-
-def parse_chat_request(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
-    """Parse and validate a body; return the raw dict (to forward as-is) and the model."""
-    body = parse_object(raw)
-    try:
-        req = ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        raise invalid_from_validation(exc, body) from None
-    return body, req
+    raise UnsupportedMediaError(
+        f"Unsupported Content-Type '{media[:100]}': send the body as application/json.")
 
 
 async def read_object(request: Request) -> dict[str, Any]:

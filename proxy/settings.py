@@ -225,7 +225,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_tenants_and_keys(self) -> Settings:
-        from proxy.keys import stored_digest
+        from proxy.admin.keys import stored_digest
 
         owner: dict[str, str] = {}
         seen: set[str] = set()

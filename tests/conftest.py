@@ -2,18 +2,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
+import openai
 import pytest
 
 from memory import offline
 from proxy.app import create_app
-from proxy.settings import MemorySettings, ModelConfig, Settings
+from proxy.settings import (
+    AuthSettings,
+    EmbedderSettings,
+    MemorySettings,
+    ModelConfig,
+    Settings,
+    TenantConfig,
+)
 from proxy.testing.fake_upstream import FakeUpstream
 from proxy.testing.live import Live, serve
 
 offline.configure()
 
 REPO = Path(__file__).resolve().parent.parent
+#: The tenants of ``memory_live``, by key.
+KEYS = {"acme": "sk-acme", "globex": "sk-globex"}
+ADMIN_KEY = "sk-admin"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,3 +72,37 @@ def upstream_settings(tmp_path: Path, upstream: FakeUpstream, transport: str = "
     # The proxy's own behaviour, without memory: memory has its tests (test_memory_*).
     return Settings(data_dir=tmp_path / "data", models=[ModelConfig.model_validate(cfg)],
                     memory=MemorySettings(enabled=False))
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where MiniLM is converted to GGUF: once for the whole session."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def memory_live(tmp_path: Path, upstream: FakeUpstream, model_cache: Path) -> Iterator[Live]:
+    """A proxy with memory on (real MiniLM, Qdrant Edge on disk) over the fake upstream,
+    auth on: tenants ``KEYS`` and an admin key."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        models=[ModelConfig(name="up", backend="litellm", model="openai/fake-model",
+                            api_base=upstream.url, max_retries=0)],
+        auth=AuthSettings(enabled=True, admin_keys=[ADMIN_KEY]),
+        tenants=[TenantConfig(id=t, api_keys=[k]) for t, k in KEYS.items()],
+        memory=MemorySettings(embedder=EmbedderSettings(cache_dir=model_cache)),
+    )
+    with serve(create_app(settings)) as server:
+        yield server
+
+
+def sdk(live: Live, tenant: str = "acme", user: str = "alice") -> openai.OpenAI:
+    """The openai SDK as one of ``memory_live``'s tenants, for one user."""
+    return openai.OpenAI(base_url=live.base_url, api_key=KEYS[tenant], max_retries=0,
+                         default_headers={"x-memcube-user": user})
+
+
+def api(live: Live, method: str, path: str, tenant: str = "acme", **kw: Any) -> httpx.Response:
+    """A request to ``memory_live``'s API as a tenant."""
+    return httpx.request(method, f"{live.base_url}{path}", timeout=60,
+                         headers={"authorization": f"Bearer {KEYS[tenant]}"}, **kw)

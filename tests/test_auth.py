@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from proxy import cli
+from proxy.admin.keys import hashed_form
 from proxy.app import create_app
 from proxy.auth import RateLimiter
-from proxy.keys import hashed_form
 from proxy.settings import AuthSettings, ConfigError, TenantConfig, load_settings
 from proxy.testing.fake_upstream import FakeUpstream
 from proxy.testing.live import Live, serve

@@ -36,6 +36,8 @@ import pytest
 from proxy.testing.fake_upstream import DEFAULT_TEXT, FakeUpstream
 from tests.durability_proxy import ProxyProcess, outbox_rows, write_config
 
+pytestmark = pytest.mark.slow
+
 SEED = 20251124
 KILLS = 12
 CLIENTS = 6
@@ -213,11 +215,6 @@ def run_life(config: Path, log: Path, life: Life, sent: list[Sent], jitter: floa
         return proxy.ready_after
     finally:
         proxy.stop_quietly()
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
 
 
 def test_kill_9_keeps_every_acknowledged_exchange_exactly_once(

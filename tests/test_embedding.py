@@ -28,13 +28,8 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 
 @pytest.fixture(scope="session")
-def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("minilm")
-
-
-@pytest.fixture(scope="session")
-def minilm(minilm_dir: Path) -> Iterator[MiniLMEmbedder]:
-    embedder = MiniLMEmbedder(minilm_dir)  # converts once for the whole session
+def minilm(model_cache: Path) -> Iterator[MiniLMEmbedder]:
+    embedder = MiniLMEmbedder(model_cache)  # converts once for the whole session
     yield embedder
     embedder.close()
 
@@ -49,13 +44,13 @@ PACKING_TOLERANCE = {"q8_0": (1e-2, 0.999), "f16": (1e-3, 0.99999)}
 
 @pytest.fixture(scope="module", params=sorted(PACKING_TOLERANCE))
 def any_minilm(request: pytest.FixtureRequest, minilm: MiniLMEmbedder,
-               minilm_dir: Path) -> Iterator[tuple[MiniLMEmbedder, float, float]]:
+               model_cache: Path) -> Iterator[tuple[MiniLMEmbedder, float, float]]:
     """The default embedder, and f16 beside it, each with its packing tolerance."""
     max_diff, min_cos = PACKING_TOLERANCE[request.param]
     if minilm.model_id.endswith(request.param):
         yield minilm, max_diff, min_cos
         return
-    other = MiniLMEmbedder(minilm_dir, precision=request.param)
+    other = MiniLMEmbedder(model_cache, precision=request.param)
     yield other, max_diff, min_cos
     other.close()
 
@@ -141,11 +136,11 @@ def test_minilm_concurrent_calls_are_serialised(minilm: MiniLMEmbedder) -> None:
 
 
 def test_gguf_is_reused_on_second_construction(
-    minilm: MiniLMEmbedder, minilm_dir: Path, caplog: pytest.LogCaptureFixture
+    minilm: MiniLMEmbedder, model_cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="memory.embedding.convert")
     before = minilm.gguf_path.stat()
-    second = MiniLMEmbedder(minilm_dir)
+    second = MiniLMEmbedder(model_cache)
     try:
         assert second.gguf_path == minilm.gguf_path
         after = second.gguf_path.stat()

@@ -42,11 +42,6 @@ DEGRADED = "x-memcube-degraded"
 
 
 @pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")  # MiniLM is converted once per module
-
-
-@pytest.fixture(scope="module")
 def embedder(model_cache: Path) -> Iterator[MiniLMEmbedder]:
     emb = MiniLMEmbedder(model_cache)
     yield emb
@@ -314,7 +309,7 @@ def test_unreachable_qdrant_server_proxy_serves_without_memory(
         assert r.headers[DEGRADED] == "recall"
         assert_memory_unavailable(httpx.get(f"{live.base_url}/memories", timeout=30))
         assert_memory_unavailable(httpx.post(f"{live.base_url}/memories/flush", timeout=30))
-        service = live.app.state.memory_service
+        service = live.context.memory_service()
         assert service.outbox.pending_count() == 1  # kept for when the server answers
         assert service.outbox.dead_count() == 0
 

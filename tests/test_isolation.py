@@ -47,7 +47,6 @@ from proxy.settings import (
 )
 from proxy.testing.fake_upstream import FakeUpstream
 from proxy.testing.live import Live, serve
-from tests.test_memory_http import model_cache  # noqa: F401 (MiniLM converted once)
 
 TENANTS = ("acme", "globex", "initech")
 USERS = ("alice", "bob", "carol")
@@ -411,7 +410,7 @@ class World:
 
 
 @pytest.fixture
-def live(tmp_path: Path, upstream: FakeUpstream, model_cache: Path) -> Iterator[Live]:  # noqa: F811
+def live(tmp_path: Path, upstream: FakeUpstream, model_cache: Path) -> Iterator[Live]:
     settings = Settings(
         data_dir=tmp_path / "data",
         models=[ModelConfig(name="up", backend="litellm", model="openai/fake-model",

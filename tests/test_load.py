@@ -31,6 +31,8 @@ from bench.load import (
     summarize,
 )
 
+pytestmark = pytest.mark.slow
+
 OPTIONS = Options(clients=20, duration=5.0, warmup=1.0, users=4, progress=2.0)
 
 

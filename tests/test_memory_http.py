@@ -3,57 +3,19 @@ the scripted fake upstream, and the official openai SDK as the client."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
-from proxy.app import create_app
-from proxy.settings import (
-    AuthSettings,
-    EmbedderSettings,
-    MemorySettings,
-    ModelConfig,
-    Settings,
-    TenantConfig,
-)
 from proxy.testing.fake_upstream import FakeUpstream
-from proxy.testing.live import Live, serve
-
-KEYS = {"acme": "sk-acme", "globex": "sk-globex"}
-ADMIN_KEY = "sk-admin"
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")  # MiniLM is converted once per session
+from proxy.testing.live import Live
+from tests.conftest import ADMIN_KEY, api, sdk
 
 
 @pytest.fixture
-def live(tmp_path: Path, upstream: FakeUpstream, model_cache: Path) -> Iterator[Live]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        models=[ModelConfig(name="up", backend="litellm", model="openai/fake-model",
-                            api_base=upstream.url, max_retries=0)],
-        auth=AuthSettings(enabled=True, admin_keys=[ADMIN_KEY]),
-        tenants=[TenantConfig(id=t, api_keys=[k]) for t, k in KEYS.items()],
-        memory=MemorySettings(embedder=EmbedderSettings(cache_dir=model_cache)),
-    )
-    with serve(create_app(settings)) as server:
-        yield server
-
-
-def sdk(live: Live, tenant: str = "acme", user: str = "alice") -> openai.OpenAI:
-    return openai.OpenAI(base_url=live.base_url, api_key=KEYS[tenant], max_retries=0,
-                         default_headers={"x-memcube-user": user})
-
-
-def api(live: Live, method: str, path: str, tenant: str = "acme", **kw: Any) -> httpx.Response:
-    return httpx.request(method, f"{live.base_url}{path}", timeout=60,
-                         headers={"authorization": f"Bearer {KEYS[tenant]}"}, **kw)
+def live(memory_live: Live) -> Live:
+    return memory_live
 
 
 def flush(live: Live, tenant: str = "acme") -> None:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO
 
 GUARD = textwrap.dedent('''
@@ -66,6 +68,7 @@ SCRIPT = GUARD + textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_no_network_at_import_or_run_time() -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,

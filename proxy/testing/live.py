@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import FastAPI
 
+from proxy.context import AppContext
+
 T = TypeVar("T")
 
 
@@ -30,6 +32,13 @@ class Live:
     @property
     def base_url(self) -> str:
         return f"{self.url}/v1"
+
+    @property
+    def context(self) -> AppContext:
+        """What the app's routes share: its backends, registries and memory service."""
+        ctx = self.app.state.context
+        assert isinstance(ctx, AppContext)
+        return ctx
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         """Run a coroutine on the server's loop (to await its background work)."""

@@ -1,0 +1,1 @@
+"""``POST /v1/chat/completions``: its protocol, its serving and its route."""

@@ -1,0 +1,85 @@
+"""What the app's routes share, and its lifetime: an :class:`AppContext`.
+
+Built once by :mod:`proxy.wiring` (the composition root) and kept as
+``app.state.context``; routes reach it through :func:`context`. It starts and stops
+what it holds, in order: tenants' saved changes, backends, adapters, then memory
+(loading the embedder takes seconds, so memory is opened at start, off the loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from memory.layer import MemoryLayer, NullMemory
+from memory.service import MemoryService
+from proxy.admin.adapters import AdapterRegistry
+from proxy.admin.tenants import TenantRegistry
+from proxy.auth import RateLimiter
+from proxy.backends.base import ChatBackend
+from proxy.errors import NotFoundError
+from proxy.observability import Metrics
+from proxy.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class AppContext:
+    settings: Settings
+    backends: dict[str, ChatBackend]
+    adapters: AdapterRegistry
+    tenants: TenantRegistry
+    metrics: Metrics
+    started_at: int
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    #: Opens the memory service (off the event loop) at start; None: none is opened.
+    open_memory: Callable[[], MemoryService] | None = None
+    #: What requests recall through: the service once open, a given layer, or nothing.
+    layer: MemoryLayer = field(default_factory=NullMemory)
+    #: The memory service, for the memory API, health and metrics (None: memory is off).
+    memory: MemoryService | None = None
+    _started: list[ChatBackend] = field(default_factory=list)
+    _opened: MemoryService | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, MemoryService):
+            self.memory = self.layer
+
+    async def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.tenants.load()  # with the tenants the admin API added
+        for backend in self.backends.values():
+            await backend.start()
+            self._started.append(backend)
+        await self.adapters.start()
+        if self.open_memory is not None:
+            service = await asyncio.to_thread(self.open_memory)
+            self._opened = service
+            await service.start()
+            self.memory = self.layer = service
+
+    async def stop(self) -> None:
+        service, self._opened = self._opened, None
+        if service is not None:
+            await service.stop()
+            await asyncio.to_thread(service.close)
+        for backend in self._started:
+            await backend.close()
+        self._started.clear()
+
+    def memory_service(self) -> MemoryService:
+        """The memory service, or a 404 saying memory is off."""
+        if self.memory is None:
+            raise NotFoundError("Memory is disabled on this proxy (memory.enabled: false).")
+        return self.memory
+
+
+def context(request: Request) -> AppContext:
+    ctx = request.app.state.context
+    assert isinstance(ctx, AppContext)
+    return ctx

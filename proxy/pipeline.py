@@ -1,0 +1,194 @@
+"""The memory pipeline every generating endpoint runs:
+recall -> inject -> backend -> response -> write-back (before the response ends).
+
+An endpoint parses its body into a :class:`Call` (who asks, the messages memory reads
+and writes back, the body for the backend) and hands it to :meth:`Pipeline.complete`
+or :meth:`Pipeline.stream`. The pipeline injects memories, picks the tenant's adapter,
+calls the backend, records the exchange, and says what memory did in the response
+headers. What differs per endpoint, how a reply reads and how a stream is encoded,
+comes in as a :class:`Codec`.
+
+Memory never fails a request: what it could not do is named in ``X-Memcube-Degraded``
+(see :mod:`memory.layer`). A non-stream response knows whether its exchange was
+recorded; a stream's headers leave before that, so they carry the outbox's state as
+the stream began, and a stream whose exchange was refused says so at its end in an
+SSE comment (``: x-memcube-degraded write-back``), which OpenAI clients skip.
+Errors before the first byte are HTTP errors; errors after it become one error frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from starlette.responses import Response
+from starlette.types import Receive
+
+from memory.layer import WRITE_BACK, Turn
+from proxy import headers as h
+from proxy.backends.base import ChatBackend, Completion, RequestContext, StreamEvent
+from proxy.errors import ProxyError
+from proxy.sse import EventStreamResponse
+from proxy.state import RequestState
+
+if TYPE_CHECKING:
+    from proxy.context import AppContext
+
+log = logging.getLogger(__name__)
+
+WRITE_BACK_REFUSED_FRAME = b": x-memcube-degraded write-back\n\n"
+# nginx-style "client closed request": logged and counted, never seen by the client.
+CLIENT_CLOSED = 499
+
+
+class Codec(Protocol):
+    """How an endpoint reads its replies and writes its stream."""
+
+    def reply_text(self, completion: Completion) -> str:
+        """A non-stream reply's text, to write back."""
+        ...
+
+    def encode(self, group: list[StreamEvent], text: list[str]) -> bytes:
+        """One write for a group of stream events; appends their text to ``text``."""
+        ...
+
+    def error(self, exc: ProxyError) -> bytes:
+        """The frame of an error after the stream started."""
+        ...
+
+    def done(self) -> bytes:
+        """The stream's last frame."""
+        ...
+
+
+@dataclass(slots=True)
+class Call:
+    """One request through the pipeline."""
+
+    turn: Turn
+    #: The client's messages: what recall reads and write-back records.
+    messages: list[dict[str, Any]]
+    #: What the backend gets; its ``messages`` are replaced by the recalled ones.
+    body: dict[str, Any]
+    backend: ChatBackend
+    state: RequestState
+    ctx: RequestContext = field(default_factory=RequestContext)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, context: AppContext) -> None:
+        self.context = context
+
+    async def prepare(self, call: Call) -> None:
+        """Recall and inject memories, and pick the tenant's adapter."""
+        recall = await self.context.layer.recall(call.turn, call.messages)
+        call.body["messages"] = recall.messages
+        call.ctx = RequestContext(tenant=call.turn.tenant, prefix=recall.prefix)
+        call.headers[h.MEMORIES] = ",".join(recall.memory_ids)
+        call.state.degraded = list(recall.degraded)
+        applied = self.context.adapters.apply(call.ctx, call.backend)
+        if applied:
+            call.headers[h.ADAPTER] = applied
+
+    async def complete(self, call: Call, codec: Codec, receive: Receive) -> Response:
+        await self.prepare(call)
+        backend, ctx = call.backend, call.ctx
+        if backend.cancel_on_disconnect:
+            work = asyncio.ensure_future(backend.complete(call.body, ctx))
+            gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                log.info("client disconnected; generation stopped")
+                await self._remember(call, None)
+                return Response(status_code=CLIENT_CLOSED)
+            completion = work.result()
+        else:
+            completion = await backend.complete(call.body, ctx)
+        recorded = await self._remember(call, codec.reply_text(completion))
+        # The outbox's answer replaces what recall foresaw of it.
+        degraded = [d for d in call.state.degraded if d != WRITE_BACK]
+        if not recorded:
+            degraded.append(WRITE_BACK)
+        call.state.degraded = degraded
+        if degraded:
+            call.headers[h.DEGRADED] = ",".join(degraded)
+        content = completion.raw if completion.raw is not None else json.dumps(completion.data)
+        call.headers[h.ACTIVATION] = ctx.activation
+        return Response(content=content, media_type="application/json", headers=call.headers)
+
+    async def stream(self, call: Call, codec: Codec) -> EventStreamResponse:
+        await self.prepare(call)
+        groups = call.backend.stream_events(call.body, call.ctx)
+        try:
+            # Pull the first chunks now so that a failure to start is a proper HTTP error.
+            first: list[StreamEvent] = await groups.__anext__()
+        except StopAsyncIteration:
+            first = []
+        except BaseException:
+            await groups.aclose()
+            raise
+        call.headers[h.ACTIVATION] = call.ctx.activation  # known once the stream started
+        if call.state.degraded:
+            call.headers[h.DEGRADED] = ",".join(call.state.degraded)
+        return EventStreamResponse(self._frames(call, codec, groups, first), call.headers)
+
+    async def _frames(self, call: Call, codec: Codec,
+                      groups: AsyncGenerator[list[StreamEvent], None],
+                      first: list[StreamEvent]) -> AsyncGenerator[bytes, None]:
+        text: list[str] = []
+        finished = False
+        try:
+            try:
+                if first:
+                    yield codec.encode(first, text)
+                async for group in groups:
+                    yield codec.encode(group, text)
+                reply: str | None = "".join(text)
+            except ProxyError as exc:
+                log.warning("stream failed: %s", exc.message)
+                call.state.error_type = exc.type
+                yield codec.error(exc)
+                reply = None
+            except Exception:
+                log.exception("stream failed")
+                call.state.error_type = "api_error"
+                yield codec.error(ProxyError("internal error while streaming"))
+                reply = None
+            if not await self._remember(call, reply):
+                if WRITE_BACK not in call.state.degraded:
+                    call.state.degraded.append(WRITE_BACK)
+                yield WRITE_BACK_REFUSED_FRAME
+            finished = True
+            yield codec.done()
+        finally:
+            await groups.aclose()
+            if not finished:
+                # The client left mid-stream: keep what it said, not the half reply.
+                await self._remember(call, None)
+
+    async def _remember(self, call: Call, reply: str | None) -> bool:
+        """Whether the exchange was durably recorded. Never raises: the reply exists by
+        now, and a failure here is reported as degraded, not as a failed request."""
+        try:
+            # Only an explicit False is a refusal: a layer that returns nothing kept it.
+            return await self.context.layer.remember(call.turn, call.messages, reply) is not False
+        except Exception:
+            log.exception("write-back failed after the reply")
+            return False
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
