@@ -3,7 +3,7 @@
 Both backends store the same points, so a store moved from Qdrant Edge to a Qdrant
 server (or compared with one in the congruence tests) behaves alike:
 
-- one point per version of an item, id ``point_id(item)``, named vectors ``dense``
+- one point per version of an item, id ``item.point_id``, named vectors ``dense``
   (cosine; since schema 2 a multivector scored by MaxSim: one vector per sentence
   piece, see ``memory.pieces``, or the text's own for a single sentence) and ``bm25``
   (sparse, IDF applied by Qdrant; see ``memory.store.sparse``);
@@ -90,11 +90,6 @@ def scope_fields(tenant: str, cube_id: str, status: str) -> dict[str, Any]:
 
 
 # -- memory points -------------------------------------------------------------------
-
-def point_id(item: MemoryItem) -> str:
-    """A version's point id (tenant, id and version: see ``version_point_id``)."""
-    return item.point_id
-
 
 def item_payload(item: MemoryItem, *, current: bool) -> dict[str, Any]:
     payload = item.model_dump(mode="json")

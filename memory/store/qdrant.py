@@ -47,7 +47,6 @@ from memory.store.layout import (
     meta,
     payload_cube,
     payload_item,
-    point_id,
     ranked,
     scope_groups,
     stale_currents,
@@ -246,7 +245,7 @@ class QdrantStore(MemoryStore, Generic[E]):
     def upsert(self, items: Sequence[MemoryItem], vectors: Sequence[Sequence[float]],
                pieces: Sequence[Sequence[Sequence[float]]] | None = None) -> None:
         per_item = check_pieces(items, vectors, pieces)
-        points = [Point(point_id(item), item_payload(item, current=current),
+        points = [Point(item.point_id, item_payload(item, current=current),
                         dense_value(vector, item_pieces, self.dim, self._multivector), sparse_item(item))
                   for item, vector, item_pieces, current in zip(
                       items, vectors, per_item, batch_currents(items), strict=True)]

@@ -59,17 +59,16 @@ class AdapterRegistry:
         self.base_dir = Path.cwd()
         self.state_file = settings.data_dir / "adapters.json"
         self.local = [b for b in backends.values() if b.takes_lora_files]
+        #: The config overlaid by the changes: what requests read (recomputed on change).
+        self.adapters: dict[str, AdapterConfig] = {}
+        self.bindings: dict[str, str] = {}
+        self._merge()
 
-    @property
-    def adapters(self) -> dict[str, AdapterConfig]:
+    def _merge(self) -> None:
         kept = {n: a for n, a in self._config.items() if n not in self.changes.removed}
-        return {**kept, **self.changes.put}
-
-    @property
-    def bindings(self) -> dict[str, str]:
-        known = self.adapters
+        self.adapters = {**kept, **self.changes.put}
         merged = {**self._config_bindings, **self.changes.bindings}
-        return {t: a for t, a in merged.items() if a in known}
+        self.bindings = {t: a for t, a in merged.items() if a in self.adapters}
 
     async def start(self) -> None:
         """Load the saved API changes, then register every file adapter with the local
@@ -77,6 +76,7 @@ class AdapterRegistry:
         if self.state_file.exists():
             saved = json.loads(self.state_file.read_text())
             self.changes = AdapterChanges.from_json(saved, self._config, self._config_bindings)
+            self._merge()
         for adapter in self.adapters.values():
             try:
                 await self._register(adapter)
@@ -134,6 +134,7 @@ class AdapterRegistry:
         self.changes.removed.discard(adapter.name)
         for tenant in tenants or []:
             self.changes.bindings[tenant] = adapter.name
+        self._merge()
         self._save()
 
     async def delete(self, name: str) -> None:
@@ -143,6 +144,7 @@ class AdapterRegistry:
         if name in self._config:
             self.changes.removed.add(name)
         self.changes.bindings = {t: a for t, a in self.changes.bindings.items() if a != name}
+        self._merge()
         self._save()
 
     def _save(self) -> None:
