@@ -32,7 +32,6 @@ from memory.store.layout import (
     SPARSE,
     item_payload,
     meta,
-    point_id,
     scope_key,
 )
 from memory.store.server import ServerStore
@@ -264,19 +263,19 @@ def write_as_older_release(backend: Backend, store: MemoryStore, item: MemoryIte
         from qdrant_client import models as m
 
         backend.client.upsert("memcube_memories", [m.PointStruct(
-            id=point_id(item), payload=payload, vector={
+            id=item.point_id, payload=payload, vector={
                 DENSE: [vector], SPARSE: m.SparseVector(indices=indices, values=values)})])
         if superseded is not None:
             backend.client.set_payload("memcube_memories", {CURRENT_FIELD: 0},
-                                       points=[point_id(superseded)])
+                                       points=[superseded.point_id])
     else:
         from qdrant_edge import Point, SparseVector, UpdateOperation
 
         shard = store.engine.shard  # type: ignore[attr-defined]
         shard.update(UpdateOperation.upsert_points([Point(
-            point_id(item), {DENSE: [vector], SPARSE: SparseVector(indices, values)}, payload)]))
+            item.point_id, {DENSE: [vector], SPARSE: SparseVector(indices, values)}, payload)]))
         if superseded is not None:
-            shard.update(UpdateOperation.set_payload([point_id(superseded)], {CURRENT_FIELD: 0}))
+            shard.update(UpdateOperation.set_payload([superseded.point_id], {CURRENT_FIELD: 0}))
 
 
 def test_versions_an_older_release_superseded_lose_their_keys_at_open(backend: Backend) -> None:
