@@ -6,8 +6,11 @@ rounds so that they are measured side by side under the same conditions:
 
     python bench/overhead.py [--requests 400] [--rounds 3]
 
-Rows: non-stream and stream, 1 and 20 concurrent clients, for the direct relay
-(the default for OpenAI-compatible upstreams) and, for reference, litellm.
+Rows: non-stream and stream, 1 and 20 concurrent clients, for the chat relay (the
+direct transport, the default for OpenAI-compatible upstreams) and, for reference,
+litellm; then, at 1 and 20 clients, the Responses API translated to chat (against the
+upstream's chat endpoint called directly), the Responses API relayed natively (against
+its /responses) and embeddings relayed (against its /embeddings).
 Progress goes to stderr; one JSON line of figures to stdout.
 """
 
@@ -29,6 +32,15 @@ from typing import Any
 import httpx
 
 BODY = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
+RESPONSES_BODY = {"input": "Say hello.", "max_output_tokens": 16}
+EMBEDDINGS_BODY = {"input": "Say hello."}
+#: Endpoint rows: name -> (proxy path and body, the upstream path and body it is
+#: measured against). The proxy's models: "direct" (translated), "native".
+ENDPOINTS: dict[str, tuple[str, str, dict[str, Any], str, dict[str, Any]]] = {
+    "responses": ("/responses", "direct", RESPONSES_BODY, "/chat/completions", BODY),
+    "responses_native": ("/responses", "native", RESPONSES_BODY, "/responses", RESPONSES_BODY),
+    "embeddings": ("/embeddings", "direct", EMBEDDINGS_BODY, "/embeddings", EMBEDDINGS_BODY),
+}
 
 
 def log(msg: str) -> None:
@@ -48,7 +60,7 @@ def free_port() -> int:
 
 
 def start_upstream() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.testing.fake_upstream"],
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.testing.fake_upstream", "--responses"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     port = int(proc.stdout.readline())
@@ -67,7 +79,10 @@ def start_proxy(upstream: str, data_dir: Path) -> tuple[subprocess.Popen[bytes],
              "api_base": upstream, "max_retries": 0},
             {"name": "litellm", "backend": "litellm", "model": "openai/fake-model",
              "api_base": upstream, "max_retries": 0, "transport": "litellm"},
+            {"name": "native", "backend": "litellm", "model": "openai/fake-model",
+             "api_base": upstream, "max_retries": 0, "responses": "native"},
         ],
+        # Responses are stored, as by default: part of what the endpoint costs.
     }))
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -97,9 +112,12 @@ async def one(client: httpx.AsyncClient, url: str, body: dict[str, Any], stream:
 
 
 async def run(base: str, model: str, stream: bool, clients: int, total: int,
-              pid: int | None = None) -> dict[str, float]:
-    url = f"{base}/chat/completions"
-    body = {**BODY, "model": model, "stream": stream}
+              pid: int | None = None, path: str = "/chat/completions",
+              body: dict[str, Any] = BODY) -> dict[str, float]:
+    url = f"{base}{path}"
+    body = {**body, "model": model}
+    if stream:
+        body["stream"] = True
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
@@ -168,6 +186,28 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     row["litellm"] = lite
                     row["litellm_added_p50_ms"] = round(lite["p50"] - direct["p50"], 3)
                 results[key] = row
+        for name, (path, model, body, direct_path, direct_body) in ENDPOINTS.items():
+            for stream in ((False,) if name == "embeddings" else (False, True)):
+                for clients in (1, 20):
+                    key = f"{name}_{'stream' if stream else 'nonstream'}_c{clients}"
+                    rounds = {"direct": [], "proxy": []}
+                    for i in range(args.rounds):
+                        n = args.requests
+                        rounds["direct"].append(await run(
+                            upstream, "fake-model", stream, clients, n, path=direct_path,
+                            body=direct_body))
+                        rounds["proxy"].append(await run(
+                            proxy, model, stream, clients, n, proxy_proc.pid, path=path,
+                            body=body))
+                        log(f"{key} round {i + 1}/{args.rounds}: direct p50 "
+                            f"{rounds['direct'][-1]['p50']:.2f} ms, proxy p50 "
+                            f"{rounds['proxy'][-1]['p50']:.2f} ms")
+                    direct, proxied = merge(rounds["direct"]), merge(rounds["proxy"])
+                    results[key] = {
+                        "direct": direct, "proxy": proxied,
+                        "added_ms": {p: round(proxied[p] - direct[p], 3)
+                                     for p in ("p50", "p95", "p99")},
+                        "throughput_ratio": round(proxied["rps"] / direct["rps"], 3)}
     finally:
         proxy_proc.terminate()
         up_proc.terminate()
@@ -181,6 +221,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "stream_added_p50_ms_c1": results["stream_c1"]["added_ms"]["p50"],
         "stream_throughput_ratio_c20": results["stream_c20"]["throughput_ratio"],
         "proxy_cpu_ms_per_req": results["nonstream_c20"]["proxy"]["proxy_cpu_ms_per_req"],
+        **{f"{name}_added_p50_ms_c1": results[f"{name}_nonstream_c1"]["added_ms"]["p50"]
+           for name in ENDPOINTS},
+        **{f"{name}_stream_added_p50_ms_c1": results[f"{name}_stream_c1"]["added_ms"]["p50"]
+           for name in ENDPOINTS if name != "embeddings"},
+        **{f"{name}_cpu_ms_per_req": results[f"{name}_nonstream_c20"]["proxy"][
+            "proxy_cpu_ms_per_req"] for name in ENDPOINTS},
         **results,
     }
 

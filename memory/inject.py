@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
+from memory import offline
 from memory.models import MemoryItem
 
 OPEN = "<memories>"
@@ -35,10 +36,8 @@ TokenCounter = Callable[[str], int]
 
 @lru_cache(maxsize=4)
 def tiktoken_counter(encoding: str = "o200k_base") -> TokenCounter:
-    """Token counts for upstream models (call memory.offline.configure() first)."""
-    import tiktoken
-
-    enc = tiktoken.get_encoding(encoding)
+    """Token counts for upstream models, with an encoding read offline."""
+    enc = offline.tiktoken_encoding(encoding)
     return lambda text: len(enc.encode(text, disallowed_special=()))
 
 

@@ -16,6 +16,8 @@ from memory.errors import MemoryLayerError
 from memory.layer import MemoryLayer
 from proxy.admin.router import router as admin_router
 from proxy.chat.router import chat_route
+from proxy.completions.router import completions_route
+from proxy.embeddings.router import embeddings_route
 from proxy.errors import (
     InvalidRequestError,
     NotFoundError,
@@ -26,7 +28,10 @@ from proxy.errors import (
 )
 from proxy.memories.router import router as memory_router
 from proxy.observability import ProxyMiddleware
+from proxy.passthrough import Passthrough
 from proxy.protocol import invalid_from_errors
+from proxy.responses.router import responses_route
+from proxy.responses.router import router as responses_router
 from proxy.routes import public, router
 from proxy.settings import Settings
 from proxy.state import request_state
@@ -39,6 +44,8 @@ def create_app(settings: Settings, *, memory: MemoryLayer | None = None) -> Fast
     """Build the app. ``memory``: a memory layer to use instead of the one the settings
     describe (tests pass fakes and services built on faulty stores)."""
     ctx = build_context(settings, memory=memory)
+    passthrough = Passthrough(settings.passthrough, connect_timeout=settings.upstream.connect_timeout,
+                              max_connections=settings.upstream.max_connections)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,15 +54,22 @@ def create_app(settings: Settings, *, memory: MemoryLayer | None = None) -> Fast
             yield
         finally:
             await ctx.stop()
+            await passthrough.close()
 
     app = FastAPI(title="MemCube Proxy", version="0.1.0", lifespan=lifespan)
     app.state.context = ctx
     _warn_about_auth(settings)
     app.router.routes.append(chat_route(ctx))
+    app.router.routes.append(embeddings_route(ctx))
+    app.router.routes.append(completions_route(ctx))
+    app.router.routes.append(responses_route(ctx))
     app.include_router(router)
     app.include_router(memory_router)
     app.include_router(admin_router)
+    app.include_router(responses_router)
     app.include_router(public)
+    # Other /v1 paths: whatever no route matched, however routes are added, is relayed.
+    passthrough.install(app.router)
     app.add_middleware(ProxyMiddleware, metrics=ctx.metrics, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
     return app

@@ -16,11 +16,13 @@ from __future__ import annotations
 import hmac
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from proxy import headers
 from proxy.admin.keys import digest, stored_digest
@@ -128,6 +130,21 @@ def authenticate(request: Request) -> Principal:
                 retry_after=max(1, math.ceil(wait)))
     request_state(request).principal = principal
     return principal
+
+
+def json_post_route(path: str, handle: Callable[[Request], Awaitable[Response]]) -> Route:
+    """``POST path`` with a JSON body: authenticate, check the body's type, ``handle``.
+
+    A plain Starlette route: FastAPI's dependency resolution cost more per request than
+    the rest of the relay (bench/overhead.py), so the endpoints that relay use these."""
+    from proxy.protocol import check_json_content_type
+
+    async def endpoint(request: Request) -> Response:
+        authenticate(request)
+        check_json_content_type(request.headers.get("content-type"))
+        return await handle(request)
+
+    return Route(path, endpoint, methods=["POST"])
 
 
 def principal_of(request: Request) -> Principal:

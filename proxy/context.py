@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
@@ -21,9 +22,13 @@ from proxy.admin.adapters import AdapterRegistry
 from proxy.admin.tenants import TenantRegistry
 from proxy.auth import RateLimiter
 from proxy.backends.base import ChatBackend
-from proxy.errors import NotFoundError
+from proxy.errors import ModelNotFoundError, NotFoundError
 from proxy.observability import Metrics
+from proxy.responses.store import ResponseStore
 from proxy.settings import Settings
+
+if TYPE_CHECKING:
+    from proxy.embeddings.local import LocalEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,10 @@ class AppContext:
     layer: MemoryLayer = field(default_factory=NullMemory)
     #: The memory service, for the memory API, health and metrics (None: memory is off).
     memory: MemoryService | None = None
+    #: Responses kept with ``store: true`` (None: retention 0, none are kept).
+    responses: ResponseStore | None = None
+    #: The embedded MiniLM on /v1/embeddings (None: embeddings.local_model is null).
+    embeddings: LocalEmbeddings | None = None
     _started: list[ChatBackend] = field(default_factory=list)
     _opened: MemoryService | None = None
 
@@ -53,6 +62,8 @@ class AppContext:
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.tenants.load()  # with the tenants the admin API added
+        if self.responses is not None:
+            await asyncio.to_thread(self.responses.open)
         for backend in self.backends.values():
             await backend.start()
             self._started.append(backend)
@@ -71,6 +82,17 @@ class AppContext:
         for backend in self._started:
             await backend.close()
         self._started.clear()
+        if self.embeddings is not None:
+            await asyncio.to_thread(self.embeddings.close)
+        if self.responses is not None:
+            self.responses.close()
+
+    def backend(self, model: str) -> ChatBackend:
+        """The backend serving ``model``, or a 404 ``model_not_found``."""
+        found = self.backends.get(model)
+        if found is None:
+            raise ModelNotFoundError(model)
+        return found
 
     def memory_service(self) -> MemoryService:
         """The memory service, or a 404 saying memory is off."""

@@ -19,12 +19,12 @@ Errors before the first byte are HTTP errors; errors after it become one error f
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
@@ -33,7 +33,7 @@ from proxy import headers as h
 from proxy.backends.base import ChatBackend, Completion, RequestContext, StreamEvent
 from proxy.errors import ProxyError
 from proxy.sse import EventStreamResponse
-from proxy.state import RequestState
+from proxy.state import RequestState, request_state
 
 if TYPE_CHECKING:
     from proxy.context import AppContext
@@ -52,6 +52,10 @@ class Codec(Protocol):
         """A non-stream reply's text, to write back."""
         ...
 
+    async def render(self, completion: Completion) -> bytes:
+        """A non-stream reply's body, once its exchange is recorded."""
+        ...
+
     def encode(self, group: list[StreamEvent], text: list[str]) -> bytes:
         """One write for a group of stream events; appends their text to ``text``."""
         ...
@@ -60,8 +64,9 @@ class Codec(Protocol):
         """The frame of an error after the stream started."""
         ...
 
-    def done(self) -> bytes:
-        """The stream's last frame."""
+    async def end(self, reply: str | None) -> bytes:
+        """The stream's last frames, once its exchange is recorded (``reply``: None when
+        the stream failed)."""
         ...
 
 
@@ -78,6 +83,20 @@ class Call:
     state: RequestState
     ctx: RequestContext = field(default_factory=RequestContext)
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def begin(request: Request, model: str, user: str | None,
+          options: dict[str, Any]) -> tuple[Turn, RequestState]:
+    """Who an authenticated request is for: its :class:`Turn` (the user from
+    ``X-Memcube-User``, else the body's ``user``, else ``default``) and its state."""
+    state = request_state(request)
+    state.model = model
+    principal = state.principal
+    assert principal is not None, "the route authenticates first"
+    turn = Turn(request_id=state.request_id, tenant=principal.tenant,
+                user=request.headers.get(h.USER) or user or "default",
+                session_id=request.headers.get(h.SESSION), model=model, options=options)
+    return turn, state
 
 
 class Pipeline:
@@ -122,7 +141,7 @@ class Pipeline:
         call.state.degraded = degraded
         if degraded:
             call.headers[h.DEGRADED] = ",".join(degraded)
-        content = completion.raw if completion.raw is not None else json.dumps(completion.data)
+        content = await codec.render(completion)
         call.headers[h.ACTIVATION] = ctx.activation
         return Response(content=content, media_type="application/json", headers=call.headers)
 
@@ -169,7 +188,7 @@ class Pipeline:
                     call.state.degraded.append(WRITE_BACK)
                 yield WRITE_BACK_REFUSED_FRAME
             finished = True
-            yield codec.done()
+            yield await codec.end(reply)
         finally:
             await groups.aclose()
             if not finished:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import from_json
 from starlette.requests import Request
 
@@ -29,6 +29,26 @@ MAX_CUBES = 64
 #: A C int: larger token counts, seeds and the like overflow local backends.
 MAX_INT32 = 2**31 - 1
 _BOM = b"\xef\xbb\xbf"
+#: A list of token ids (prompts and embedding inputs may be given so).
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_INT32)]], Field(min_length=1)]
+
+
+def text_or_tokens_form(value: Any) -> str | None:
+    """Which of the OpenAI forms of a text input ``value`` takes, from its shape: ``text``,
+    ``texts``, ``tokens`` or ``token_lists`` (None: none), so that a pydantic
+    discriminator names the element at fault (``input.[2]``), not every form the value
+    failed to be."""
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list):
+        return None
+    if not value or isinstance(value[0], str):
+        return "texts"
+    if isinstance(value[0], int):  # bools too: strict validation refuses them as ids
+        return "tokens"
+    if isinstance(value[0], list):
+        return "token_lists"
+    return "texts"  # the first element is at fault: say what it should be
 
 
 def _param_from_loc(loc: tuple[int | str, ...], body: Any, *, missing: bool = False) -> str | None:

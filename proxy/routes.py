@@ -19,11 +19,14 @@ public = APIRouter()
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     ctx = context(request)
+    names = [cfg.name for cfg in ctx.settings.models]
+    if ctx.embeddings is not None:  # the embedded MiniLM, on /v1/embeddings
+        names.append(ctx.embeddings.name)
     return {
         "object": "list",
         "data": [
-            {"id": cfg.name, "object": "model", "created": ctx.started_at, "owned_by": "memcube-proxy"}
-            for cfg in ctx.settings.models
+            {"id": name, "object": "model", "created": ctx.started_at, "owned_by": "memcube-proxy"}
+            for name in names
         ],
     }
 

@@ -67,6 +67,11 @@ class ModelConfig(_Section):
         "llamacpp: use llama.cpp's extra CPU buffer types (AMX tiles, repacked weights). "
         "Off by default: they crashed the embedded models on Intel CPUs with AMX. Run "
         "`memcube-proxy doctor` after turning them on."))
+    responses: Literal["translate", "native"] = Field(default="translate", description=(
+        "How /v1/responses reaches this model. translate: as a chat request, answered back "
+        "in the Responses shape (every backend); native: relayed to the upstream's own "
+        "/responses with memories in `instructions` (OpenAI-protocol upstreams on the "
+        "direct transport that serve the Responses API)."))
 
     @model_validator(mode="after")
     def _litellm_needs_model(self) -> ModelConfig:
@@ -80,6 +85,19 @@ class UpstreamSettings(_Section):
     connect_timeout: float = Field(default=5.0, gt=0, description="Connect timeout, seconds.")
     max_retries: int = Field(default=2, ge=0, description="Default retries before a reply.")
     max_connections: int = Field(default=200, ge=1, description="Pooled connections per upstream.")
+
+
+class PassthroughSettings(_Section):
+    api_base: str = Field(pattern=r"^https?://", description=(
+        "Base URL every /v1 path the proxy does not serve itself (files, audio, images, "
+        "moderations, batches, ...) is relayed to, e.g. https://api.openai.com/v1: "
+        "/v1/files?limit=2 goes to {api_base}/files?limit=2."))
+    api_key_env: str | None = Field(default=None, description=(
+        "Variable holding the upstream's API key, sent as `Authorization: Bearer`. The "
+        "client's own Authorization (its proxy key) is never forwarded."))
+    timeout: float = Field(default=600.0, gt=0, description=(
+        "Most seconds between two reads of the upstream's reply; bodies stream both ways "
+        "however long they take."))
 
 
 class AuthSettings(_Section):
@@ -175,6 +193,29 @@ class ActivationSettings(_Section):
         "Disk tier of saved states under data_dir/activation, bytes (0: no disk tier)."))
 
 
+class EmbeddingsSettings(_Section):
+    local_model: str | None = Field(default="all-minilm-l6-v2", min_length=1, description=(
+        "The `model` name under which POST /v1/embeddings serves the embedded "
+        "all-MiniLM-L6-v2 (384 dimensions, 256-token window), listed in GET /v1/models; "
+        "it must contain 'minilm'. null: not served."))
+    max_inputs: int = Field(default=2048, ge=1, description=(
+        "Most inputs one POST /v1/embeddings request may carry, for every model (OpenAI's "
+        "own limit is 2048)."))
+
+    @model_validator(mode="after")
+    def _names_minilm(self) -> EmbeddingsSettings:
+        if self.local_model is not None and "minilm" not in self.local_model.lower():
+            raise ValueError(f"embeddings.local_model: '{self.local_model}' must contain "
+                             "'minilm', so clients can tell the embedded model by its name")
+        return self
+
+
+class ResponsesSettings(_Section):
+    retention_days: float = Field(default=30.0, ge=0, description=(
+        "How long responses created with `store: true` are kept (for previous_response_id "
+        "and GET /v1/responses/{id}), in days; 0: none are kept."))
+
+
 def _default_models() -> list[ModelConfig]:
     return [ModelConfig(name="local", backend="llamacpp")]
 
@@ -200,6 +241,8 @@ class Settings(BaseSettings):
         default_factory=_default_models, description="Models clients may call.", min_length=1
     )
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings, description="Upstream defaults.")
+    passthrough: PassthroughSettings | None = Field(default=None, description=(
+        "Where other /v1 paths are relayed (unset: they answer 404)."))
     auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys.")
     adapters: list[AdapterConfig] = Field(default_factory=list, description="LoRA adapters.")
     tenants: list[TenantConfig] = Field(default_factory=list, description="Tenants and their keys.")
@@ -207,6 +250,17 @@ class Settings(BaseSettings):
     memory: MemorySettings = Field(default_factory=MemorySettings, description="Plaintext memory.")
     activation: ActivationSettings = Field(default_factory=ActivationSettings,
                                            description="Activation memory (KV state).")
+    responses: ResponsesSettings = Field(default_factory=ResponsesSettings,
+                                         description="Stored responses (/v1/responses).")
+    embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings,
+                                           description="POST /v1/embeddings.")
+
+    @model_validator(mode="after")
+    def _embeddings_name_is_free(self) -> Settings:
+        name = self.embeddings.local_model
+        if name is not None and self.model_by_name(name) is not None:
+            raise ValueError(f"embeddings.local_model: '{name}' is also a name in `models`")
+        return self
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:

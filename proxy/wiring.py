@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from functools import partial
+from typing import TYPE_CHECKING
 
 from memory.activation import Prefix, StateCache
 from memory.embedding.base import Embedder
@@ -28,7 +29,11 @@ from proxy.backends import ChatBackend, build_backend
 from proxy.backends.base import completion_text
 from proxy.context import AppContext
 from proxy.observability import Metrics
+from proxy.responses.store import ResponseStore
 from proxy.settings import ModelConfig, Settings
+
+if TYPE_CHECKING:
+    from proxy.embeddings.local import LocalEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,11 @@ def build_context(settings: Settings, *, memory: MemoryLayer | None = None) -> A
     ctx = AppContext(settings=settings, backends=backends, adapters=adapters,
                      tenants=TenantRegistry(settings), metrics=Metrics(),
                      started_at=int(time.time()), layer=memory or NullMemory())
+    if settings.responses.retention_days > 0:
+        ctx.responses = ResponseStore(settings.data_dir / "responses.sqlite3",
+                                      settings.responses.retention_days)
+    if settings.embeddings.local_model:
+        ctx.embeddings = local_embeddings(settings, ctx)
     if memory is None and settings.memory.enabled:
         ctx.open_memory = partial(open_memory, settings, backends, adapters)
     ctx.metrics.watch_activation(backends)
@@ -55,6 +65,20 @@ def activation_states(settings: Settings, cfg: ModelConfig) -> StateCache | None
         return None
     directory = settings.data_dir / "activation" / cfg.name if act.disk_bytes else None
     return StateCache(directory, ram_bytes=act.ram_bytes, disk_bytes=act.disk_bytes)
+
+
+def local_embeddings(settings: Settings, ctx: AppContext) -> LocalEmbeddings:
+    """The embedded MiniLM on /v1/embeddings: memory's own when memory embeds with it,
+    else one loaded on first use, where memory would convert it."""
+    from memory.embedding.minilm import MiniLMEmbedder
+    from proxy.embeddings.local import LocalEmbeddings
+
+    assert settings.embeddings.local_model is not None
+    cfg = settings.memory.embedder
+    load = partial(MiniLMEmbedder, cfg.cache_dir or settings.data_dir / "models",
+                   extra_buffer_types=cfg.extra_buffer_types)
+    return LocalEmbeddings(settings.embeddings.local_model, load,
+                           shared=lambda: ctx.memory.embedder if ctx.memory is not None else None)
 
 
 # -- memory ---------------------------------------------------------------------------------

@@ -570,7 +570,10 @@ def surface_cases() -> list[Case]:
         Case("healthz-post", "POST", "/healthz", 405, "Method Not Allowed", None, {}),
         Case("healthz-delete", "DELETE", "/healthz", 405, "Method Not Allowed", None),
         Case("chat-get", "GET", "/v1/chat/completions", 405, "Method Not Allowed", None),
-        Case("unknown-path", "GET", "/v1/completions", 404, "Unknown path", None),
+        Case("unknown-path", "GET", "/v1/nothing-here", 404, "Unknown path", None),
+        Case("unknown-path-says-how-to-relay", "POST", "/v1/moderations", 404,
+             "set `passthrough.api_base`", None, {"input": "hi"}),
+        Case("unknown-path-no-key", "GET", "/v1/files", 401, "Missing API key", None, key=None),
         Case("unknown-path-huge", "GET", f"/v1/{'p' * 10_000}", 404,
              f"Unknown path: /v1/{'p' * 196}...", None),
         Case("flush-get", "GET", "/v1/memories/flush/now", 404, "Unknown path", None),
@@ -579,8 +582,246 @@ def surface_cases() -> list[Case]:
     ]
 
 
+def embeddings_cases() -> list[Case]:
+    e = "/v1/embeddings"
+    minilm = "all-minilm-l6-v2"  # the embedded model, sharing memory's MiniLM here
+    forms = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+
+    def c(id: str, status: int, says: str, param: str | None, body: Any, **kw: Any) -> Case:
+        return Case(f"embeddings-{id}", "POST", e, status, says, param, body, **kw)
+
+    def up(**fields: Any) -> dict[str, Any]:
+        return {"model": "up", "input": "hi", **fields}
+
+    return [
+        c("invalid-json", 400, "not valid JSON", None, b'{"model": "up", "input": ',
+          code="invalid_json"),
+        c("empty-body", 400, "body is empty", None, b"", code="invalid_json"),
+        c("array-body", 400, "JSON object", None, [up()], code="invalid_json"),
+        c("nested", 400, "nested too deeply", None, NESTED, code="invalid_json"),
+        c("form-content-type", 415, "Unsupported Content-Type", None, up(),
+          headers={"content-type": "application/x-www-form-urlencoded"},
+          code="unsupported_media_type"),
+        c("missing-model", 400, "Missing required parameter", "model", {"input": "hi"}),
+        c("missing-input", 400, "Missing required parameter", "input", {"model": "up"}),
+        c("model-int", 400, "valid string", "model", up(model=3)),
+        c("model-unknown", 404, "does not exist", "model", up(model="nope"),
+          code="model_not_found"),
+        c("input-int", 400, forms, "input", up(input=5)),
+        c("input-null", 400, forms, "input", up(input=None)),
+        c("input-object", 400, forms, "input", up(input={"text": "hi"})),
+        c("input-empty-string", 400, "at least 1 character", "input", up(input="")),
+        c("input-empty-list", 400, "at least 1 item", "input", up(input=[])),
+        c("input-empty-string-in-list", 400, "at least 1 character", "input.[1]",
+          up(input=["a", ""])),
+        c("input-mixed", 400, "valid string", "input.[1]", up(input=["a", 1])),
+        c("input-null-in-list", 400, "valid string", "input.[0]", up(input=[None])),
+        c("token-negative", 400, "greater than or equal to 0", "input.[1]", up(input=[1, -1])),
+        c("token-float", 400, "valid integer", "input.[1]", up(input=[1, 2.5])),
+        c("token-bool", 400, "valid integer", "input.[0]", up(input=[True])),
+        c("token-huge", 400, "less than or equal to 2147483647", "input.[0].[0]",
+          up(input=[[10**30]])),
+        c("token-list-empty", 400, "at least 1 item", "input.[1]", up(input=[[1], []])),
+        c("token-lists-mixed", 400, "valid list", "input.[1]", up(input=[[1], "a"])),
+        c("too-many-inputs", 400, "2049 inputs; at most 2048", "input", up(input=["a"] * 2049)),
+        c("encoding-unknown", 400, "'float' or 'base64'", "encoding_format",
+          up(encoding_format="int8")),
+        c("dimensions-zero", 400, "greater than or equal to 1", "dimensions", up(dimensions=0)),
+        c("dimensions-string", 400, "valid integer", "dimensions", up(dimensions="384")),
+        c("user-huge", 400, "at most 256 characters", "user", up(user=LONG)),
+        c("minilm-dimensions", 400, "384-dimensional vectors only, not 512", "dimensions",
+          up(model=minilm, dimensions=512)),
+        c("minilm-too-long", 400, "tokens long", "input.[1]",
+          up(model=minilm, input=["fine", "word " * 300])),
+        c("minilm-unknown-token", 400, "100256 is no token of cl100k_base", "input.[0].[1]",
+          up(model=minilm, input=[[9906, 100256]])),
+        c("over-limit", 413, "larger than the limit", None,
+          b'{"model": "up", "input": "' + b"a" * TOO_BIG + b'"}', code="payload_too_large"),
+        Case("embeddings-get", "GET", e, 405, "Method Not Allowed", None),
+        c("no-key", 401, "Missing API key", None, up(), key=None),
+    ]
+
+
 CORPUS = [*chat_cases(stream=False), *chat_cases(stream=True), *memory_cases(), *cube_cases(),
           *adapter_cases(), *tenant_cases(), *surface_cases()]
+CORPUS += embeddings_cases()
+
+
+def completions_cases() -> list[Case]:
+    p = "/v1/completions"
+
+    def c(id: str, status: int, says: str, param: str | None, body: Any, **kw: Any) -> Case:
+        return Case(f"completions-{id}", "POST", p, status, says, param, body, **kw)
+
+    def up(**fields: Any) -> dict[str, Any]:
+        return {"model": "up", "prompt": "hi", **fields}
+
+    forms = "Input should be a valid string or a valid list"
+    return [
+        c("invalid-json", 400, "not valid JSON", None, b'{"model": "up", "prompt": ',
+          code="invalid_json"),
+        c("empty-body", 400, "body is empty", None, b"", code="invalid_json"),
+        c("array-body", 400, "JSON object", None, [up()], code="invalid_json"),
+        c("nested", 400, "nested too deeply", None, NESTED, code="invalid_json"),
+        c("form-content-type", 415, "Unsupported Content-Type", None, up(),
+          headers={"content-type": "application/x-www-form-urlencoded"},
+          code="unsupported_media_type"),
+        c("missing-model", 400, "Missing required parameter", "model", {"prompt": "hi"}),
+        c("missing-prompt", 400, "Missing required parameter", "prompt", {"model": "up"}),
+        c("model-unknown", 404, "does not exist", "model", up(model="nope"),
+          code="model_not_found"),
+        c("prompt-int", 400, forms, "prompt", up(prompt=5)),
+        c("prompt-null", 400, forms, "prompt", up(prompt=None)),
+        c("prompt-empty-list", 400, "at least 1 item", "prompt", up(prompt=[])),
+        c("prompt-mixed", 400, "valid string", "prompt.[1]", up(prompt=["a", 1])),
+        c("token-negative", 400, "greater than or equal to 0", "prompt.[1]",
+          up(prompt=[1, -1])),
+        c("token-list-empty", 400, "at least 1 item", "prompt.[1]", up(prompt=[[1], []])),
+        c("too-many-prompts", 400, "at most 2048 items", "prompt", up(prompt=["a"] * 2049)),
+        c("stream-string", 400, "valid boolean", "stream", up(stream="yes")),
+        c("max-tokens-zero", 400, "greater than or equal to 1", "max_tokens",
+          up(max_tokens=0)),
+        c("echo-string", 400, "valid boolean", "echo", up(echo="yes")),
+        c("suffix-int", 400, "valid string", "suffix", up(suffix=1)),
+        c("logprobs-huge", 400, "less than or equal to 20", "logprobs", up(logprobs=21)),
+        c("best-of-under-n", 400, "best_of must be greater than or equal to n", "best_of",
+          up(n=3, best_of=2)),
+        c("temperature-absurd", 400, "less than or equal to 2", "temperature",
+          up(temperature=1e308)),
+        c("user-huge", 400, "at most 256 characters", "user", up(user=LONG)),
+        c("memory-unknown-key", 400, "Extra inputs are not permitted", "memory.recall",
+          up(memory={"recall": True})),
+        c("memory-with-token-ids", 400, "Memory needs the prompt as text", "prompt",
+          up(prompt=[1, 2], memory={})),
+        c("memory-cube-unknown", 404, "nope", "memory.cubes", up(memory={"cubes": ["nope"]})),
+        c("over-limit", 413, "larger than the limit", None,
+          b'{"model": "up", "prompt": "' + b"a" * TOO_BIG + b'"}', code="payload_too_large"),
+        Case("completions-get", "GET", p, 405, "Method Not Allowed", None),
+        c("no-key", 401, "Missing API key", None, up(), key=None),
+    ]
+
+
+def chat_rule_cases() -> list[Case]:
+    """OpenAI's message rules, past the types (tests/test_chat_validation.py has them all)."""
+    p = "/v1/chat/completions"
+    user = {"role": "user", "content": "hi"}
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+    def c(id: str, says: str, param: str, messages: list[Any]) -> Case:
+        return Case(f"chat-rule-{id}", "POST", p, 400, says, param,
+                    {"model": "up", "messages": messages})
+
+    return [
+        c("user-without-content", "Missing required parameter", "messages.[0].content",
+          [{"role": "user"}]),
+        c("system-content-null", "not null", "messages.[0].content",
+          [{"role": "system", "content": None}, user]),
+        c("tool-without-id", "Missing required parameter", "messages.[2].tool_call_id",
+          [user, {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "content": "x"}]),
+        c("assistant-empty", "needs 'content' or 'tool_calls'", "messages.[1].content",
+          [user, {"role": "assistant"}]),
+        c("arguments-object", "valid string", "messages.[1].tool_calls.[0].function.arguments",
+          [user, {"role": "assistant", "tool_calls": [
+              {**call, "function": {"name": "f", "arguments": {}}}]}]),
+        c("part-without-type", "Missing required parameter", "messages.[0].content.[0].type",
+          [{"role": "user", "content": [{"text": "hi"}]}]),
+    ]
+
+
+CORPUS += completions_cases() + chat_rule_cases()
+
+
+def responses_cases() -> list[Case]:
+    r = "/v1/responses"
+
+    def c(id: str, status: int, says: str, param: str | None, body: Any, **kw: Any) -> Case:
+        return Case(f"responses-{id}", "POST", r, status, says, param, body, **kw)
+
+    def up(**fields: Any) -> dict[str, Any]:
+        return {"model": "up", "input": "hi", **fields}
+
+    return [
+        c("invalid-json", 400, "not valid JSON", None, b'{"model": "up", "input": ',
+          code="invalid_json"),
+        c("empty-body", 400, "body is empty", None, b"", code="invalid_json"),
+        c("array-body", 400, "JSON object", None, [up()], code="invalid_json"),
+        c("nested", 400, "nested too deeply", None, NESTED, code="invalid_json"),
+        c("bad-utf8", 400, "not valid UTF-8", None, b'{"model": "up", "input": "caf\xc3\x28"}'),
+        c("form-content-type", 415, "Unsupported Content-Type", None, up(),
+          headers={"content-type": "text/plain"}, code="unsupported_media_type"),
+        c("missing-model", 400, "Missing required parameter", "model", {"input": "hi"}),
+        c("missing-input", 400, "Missing required parameter", "input", {"model": "up"}),
+        c("model-unknown", 404, "does not exist", "model", up(model="nope"),
+          code="model_not_found"),
+        c("input-int", 400, "valid string", "input", up(input=5)),
+        c("input-item-not-object", 400, "", "input.[0]", up(input=["hi"])),
+        c("item-unknown-type", 400, "banana", "input.[0]", up(input=[{"type": "banana"}])),
+        c("item-role", 400, "'user', 'assistant', 'system' or 'developer'", "input.[0].role",
+          up(input=[{"role": "wizard", "content": "hi"}])),
+        c("item-no-content", 400, "Missing required parameter", "input.[0].content",
+          up(input=[{"role": "user"}])),
+        c("part-unknown-type", 400, "", "input.[0].content.[0]",
+          up(input=[{"role": "user", "content": [{"type": "video"}]}])),
+        c("part-no-text", 400, "Missing required parameter", "input.[0].content.[0].text",
+          up(input=[{"role": "user", "content": [{"type": "input_text"}]}])),
+        c("file-part", 400, "not supported", "input.[0].content.[0].type",
+          up(input=[{"role": "user", "content": [{"type": "input_file"}]}])),
+        c("image-by-file-id", 400, "image_url", "input.[0].content.[0].file_id",
+          up(input=[{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}])),
+        c("call-no-call-id", 400, "Missing required parameter", "input.[0].call_id",
+          up(input=[{"type": "function_call", "name": "f", "arguments": "{}"}])),
+        c("call-arguments-object", 400, "valid string", "input.[0].arguments",
+          up(input=[{"type": "function_call", "call_id": "c", "name": "f",
+                     "arguments": {}}])),
+        c("output-missing", 400, "Missing required parameter", "input.[0].output",
+          up(input=[{"type": "function_call_output", "call_id": "c"}])),
+        c("item-reference", 400, "not supported", "input.[0]",
+          up(input=[{"type": "item_reference", "id": "msg_1"}])),
+        c("tool-builtin", 400, "only function tools", "tools.[0].type",
+          up(tools=[{"type": "web_search_preview"}])),
+        c("tool-no-name", 400, "Missing required parameter", "tools.[0].name",
+          up(tools=[{"type": "function"}])),
+        c("tool-bad-name", 400, "pattern", "tools.[1].name",
+          up(tools=[{"type": "function", "name": "ok"}, {"type": "function", "name": "a b"}])),
+        c("tool-choice-bad", 400, "", "tool_choice", up(tool_choice="sometimes")),
+        c("max-output-tokens-zero", 400, "greater than or equal to 1", "max_output_tokens",
+          up(max_output_tokens=0)),
+        c("max-output-tokens-huge", 400, "less than or equal to", "max_output_tokens",
+          up(max_output_tokens=2**40)),
+        c("temperature-high", 400, "less than or equal to 2", "temperature", up(temperature=9)),
+        c("top-p-string", 400, "valid number", "top_p", up(top_p="high")),
+        c("store-string", 400, "valid boolean", "store", up(store="yes")),
+        c("stream-string", 400, "valid boolean", "stream", up(stream="yes")),
+        c("metadata-too-many", 400, "at most 16", "metadata",
+          up(metadata={f"k{i}": "v" for i in range(17)})),
+        c("metadata-value-int", 400, "valid string", "metadata.k", up(metadata={"k": 1})),
+        c("instructions-int", 400, "valid string", "instructions", up(instructions=5)),
+        c("user-huge", 400, "at most 256 characters", "user", up(user=LONG)),
+        c("format-no-schema", 400, "Missing required parameter", "text.format.schema",
+          up(text={"format": {"type": "json_schema", "name": "x"}})),
+        c("format-unknown", 400, "", "text.format.type", up(text={"format": {"type": "yaml"}})),
+        c("previous-unknown", 404, "not found", "previous_response_id",
+          up(previous_response_id="resp_nope"), code="previous_response_not_found"),
+        c("previous-huge", 400, "at most 128 characters", "previous_response_id",
+          up(previous_response_id=LONG)),
+        c("memory-unknown-field", 400, "Extra inputs", "memory.bogus", up(memory={"bogus": 1})),
+        c("memory-missing-cube", 404, "", "memory.cubes", up(memory={"cubes": ["missing"]})),
+        Case("responses-get-unknown", "GET", f"{r}/resp_nope", 404, "not found", "response_id"),
+        Case("responses-get-huge-id", "GET", f"{r}/{'x' * 300}", 400, "at most 128",
+             "response_id"),
+        Case("responses-delete-unknown", "DELETE", f"{r}/resp_nope", 404, "not found",
+             "response_id"),
+        Case("responses-items-unknown", "GET", f"{r}/resp_nope/input_items", 404, "not found",
+             "response_id"),
+        Case("responses-items-limit", "GET", f"{r}/resp_nope/input_items?limit=0", 400,
+             "greater than or equal to 1", "limit"),
+        Case("responses-items-order", "GET", f"{r}/resp_nope/input_items?order=up", 400,
+             "'asc' or 'desc'", "order"),
+        Case("responses-no-key", "POST", r, 401, "", None, up(), key=None),
+    ]
+
+
+CORPUS += responses_cases()
 SENT: set[str] = set()  # ids of the cases sent so far
 
 

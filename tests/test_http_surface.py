@@ -119,7 +119,8 @@ def test_wrong_method_is_405_error_object(live: Live) -> None:
 
 def test_models_lists_configured_models(live: Live) -> None:
     models = openai.OpenAI(base_url=live.base_url, api_key="x").models.list()
-    assert [m.id for m in models.data] == ["up"]
+    # The embedded MiniLM (embeddings.local_model) is listed after the configured models.
+    assert [m.id for m in models.data] == ["up", "all-minilm-l6-v2"]
     assert models.data[0].object == "model"
 
 

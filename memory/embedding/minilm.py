@@ -115,6 +115,12 @@ class MiniLMEmbedder(Embedder):
             tokens = tokens[: MAX_TOKENS - 1] + [self._sep]
         return tokens
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` with [CLS] and [SEP], before any cut to the window: what
+        ``embed`` reads is at most :data:`MAX_TOKENS` of them."""
+        llama = self._require_open()
+        return len(llama.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []

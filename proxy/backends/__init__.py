@@ -39,6 +39,10 @@ def uses_direct_transport(cfg: ModelConfig) -> bool:
 def build_backend(cfg: ModelConfig, upstream: UpstreamSettings,
                   states: StateCache | None = None) -> ChatBackend:
     """``states``: where a local model saves activation states (None: it saves none)."""
+    if cfg.responses == "native" and not uses_direct_transport(cfg):
+        raise ValueError(f"model '{cfg.name}': responses native needs an OpenAI-protocol "
+                         "upstream on the direct transport (backend litellm, an openai/ or "
+                         "hosted_vllm/ model with api_base, or transport direct)")
     if cfg.backend == "llamacpp":
         from proxy.backends.llamacpp import LlamaCppBackend
 

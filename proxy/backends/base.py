@@ -16,6 +16,7 @@ from typing import Any
 
 from memory.activation import Prefix, StateCache
 from proxy.backends.stats import ActivationStats, AdapterStats
+from proxy.errors import InvalidRequestError
 
 
 @dataclass(slots=True)
@@ -70,6 +71,8 @@ class ChatBackend(ABC):
     #: What it reports of activation memory and LoRA adapters (None: nothing).
     activation: ActivationStats | None = None
     adapter_stats: AdapterStats | None = None
+    #: Answers ``POST /v1/embeddings`` (``embeddings``).
+    serves_embeddings: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load or connect; called once at startup."""
@@ -97,6 +100,29 @@ class ChatBackend(ABC):
     async def unregister_adapter(self, name: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} takes no LoRA files")
 
+    async def embeddings(self, body: dict[str, Any]) -> Completion:
+        """Answer an OpenAI embeddings request (where ``serves_embeddings``): ``body`` as
+        the client sent it, the reply an OpenAI ``list`` of ``embedding`` objects."""
+        raise InvalidRequestError(
+            "This model serves no embeddings; name an embeddings model.", param="model",
+            code="model_not_supported")
+
+    #: Serves OpenAI's Responses API itself (``native_responses``): the model's
+    #: ``responses: native`` setting relays /v1/responses to it.
+    serves_responses: bool = False
+
+    async def native_responses(self, body: dict[str, Any],
+                               ctx: RequestContext | None = None) -> Completion:
+        """Relay a Responses API request as it is (where ``serves_responses``)."""
+        raise no_native_responses(body)
+
+    async def native_responses_stream(
+        self, body: dict[str, Any], ctx: RequestContext | None = None
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        """Relay a streamed Responses API request: its events, each with its raw frame."""
+        raise no_native_responses(body)
+        yield []  # unreachable: makes this an async generator, as overrides are
+
     @abstractmethod
     async def complete(self, body: dict[str, Any],
                        ctx: RequestContext | None = None) -> Completion:
@@ -119,6 +145,32 @@ class ChatBackend(ABC):
                 yield [StreamEvent(chunk)]
         finally:
             await chunks.aclose()
+
+    async def text_complete(self, body: dict[str, Any],
+                            ctx: RequestContext | None = None) -> Completion:
+        """Answer a non-stream ``POST /v1/completions``: an OpenAI ``text_completion``."""
+        raise no_text_completions(body)
+
+    async def text_stream_events(
+        self, body: dict[str, Any], ctx: RequestContext | None = None
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        """A ``POST /v1/completions`` stream of ``text_completion`` chunks, in groups as
+        :meth:`stream_events` has them."""
+        raise no_text_completions(body)
+        yield []  # unreachable: makes this an async generator, as overrides are
+
+
+def no_native_responses(body: dict[str, Any]) -> InvalidRequestError:
+    model = str(body.get("model", ""))[:200]
+    return InvalidRequestError(f"The model '{model}' does not serve the Responses API "
+                               "natively.", param="model", code="model_not_supported")
+
+
+def no_text_completions(body: dict[str, Any]) -> InvalidRequestError:
+    model = str(body.get("model", ""))[:200]
+    return InvalidRequestError(f"The model '{model}' does not serve /v1/completions; use "
+                               "/v1/chat/completions.", param="model",
+                               code="model_not_supported")
 
 
 def completion_text(data: dict[str, Any]) -> str:

@@ -12,8 +12,9 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from memory import offline
-from proxy.backends.base import ChatBackend, Completion, RequestContext
+from proxy.backends.base import ChatBackend, Completion, RequestContext, StreamEvent
 from proxy.errors import (
+    InvalidRequestError,
     ProxyError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -36,6 +37,8 @@ def _litellm() -> Any:
 class LiteLLMBackend(ChatBackend):
     """An upstream that needs translation, through litellm."""
 
+    serves_embeddings = True
+
     def __init__(
         self,
         *,
@@ -52,6 +55,10 @@ class LiteLLMBackend(ChatBackend):
         self.max_retries = max_retries
         self._llm = _litellm()
         self._params = set(inspect.signature(self._llm.acompletion).parameters) - {"kwargs"}
+        # Text completions take text_completion's own parameters and pass the rest on to
+        # litellm's completion (seed and the like).
+        self._text_params = self._params | (
+            set(inspect.signature(self._llm.text_completion).parameters) - {"args", "kwargs"})
 
     async def close(self) -> None:
         # litellm runs a logging task on the serving loop; stop it with the loop's owner.
@@ -62,13 +69,14 @@ class LiteLLMBackend(ChatBackend):
         await GLOBAL_LOGGING_WORKER.stop()
 
     def _kwargs(self, body: dict[str, Any], stream: bool,
-                ctx: RequestContext | None = None) -> dict[str, Any]:
+                ctx: RequestContext | None = None, *, text: bool = False) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
+        params = self._text_params if text else self._params
         for key, value in body.items():
             if key == "model":
                 continue
-            (kwargs if key in self._params else extra)[key] = value
+            (kwargs if key in params else extra)[key] = value
         if extra:
             kwargs["extra_body"] = {**kwargs.get("extra_body", {}), **extra}
         kwargs.update(
@@ -82,6 +90,10 @@ class LiteLLMBackend(ChatBackend):
             # the optional `mcp` package (litellm[proxy]); plain tool calls need none of it.
             _skip_mcp_handler=True,
         )
+        return self._where(kwargs)
+
+    def _where(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Add where the upstream is and its key to litellm's ``kwargs``."""
         if self.api_base:
             kwargs["api_base"] = self.api_base
         if self._api_key:
@@ -110,6 +122,62 @@ class LiteLLMBackend(ChatBackend):
             raise
         except Exception as exc:
             raise self.map_error(exc) from None
+
+    async def text_complete(self, body: dict[str, Any],
+                            ctx: RequestContext | None = None) -> Completion:
+        try:
+            response = await self._llm.atext_completion(
+                **self._kwargs(body, stream=False, ctx=ctx, text=True))
+        except Exception as exc:
+            raise self.map_error(exc) from None
+        return Completion(data=response.model_dump(exclude_none=False))
+
+    async def text_stream_events(
+        self, body: dict[str, Any], ctx: RequestContext | None = None
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
+            # litellm's text stream numbers every choice 0: the prompts' texts would mix.
+            raise InvalidRequestError("Streaming several prompts is not supported for this "
+                                      "model (litellm transport): send them without stream, "
+                                      "or one a request.", param="prompt")
+        try:
+            response = await self._llm.atext_completion(
+                **self._kwargs(body, stream=True, ctx=ctx, text=True))
+            async for chunk in response:
+                data = chunk if isinstance(chunk, dict) else chunk.model_dump(exclude_none=True)
+                for choice in data.get("choices") or []:  # litellm drops what is None
+                    choice.setdefault("text", "")
+                    choice.setdefault("logprobs", None)
+                    choice.setdefault("finish_reason", None)
+                yield [StreamEvent(data)]
+        except ProxyError:
+            raise
+        except Exception as exc:
+            raise self.map_error(exc) from None
+
+    async def embeddings(self, body: dict[str, Any]) -> Completion:
+        """litellm's embedding call, its reply in OpenAI's shape. Floats are asked for
+        (providers that know no ``encoding_format`` refuse it) and encoded as the client
+        asked. The configured model, never a tenant's adapter: adapters name chat
+        models. litellm turns ``max_retries: 0`` into its default of 2 on embeddings."""
+        known = {"input", "dimensions", "user"}
+        kwargs: dict[str, Any] = {k: v for k, v in body.items() if k in known and v is not None}
+        extra = {k: v for k, v in body.items()
+                 if k not in known and k not in ("model", "encoding_format")}
+        if extra:
+            kwargs["extra_body"] = extra
+        if "dimensions" in kwargs:  # litellm allows it on OpenAI's text-embedding-3 only
+            kwargs["allowed_openai_params"] = ["dimensions"]
+        kwargs.update(model=self.upstream_model, timeout=self.timeout,
+                      max_retries=self.max_retries)
+        self._where(kwargs)
+        try:
+            response = await self._llm.aembedding(**kwargs)
+        except Exception as exc:
+            raise self.map_error(exc) from None
+        return Completion(data=_openai_embeddings(response, body.get("encoding_format"),
+                                                  self.upstream_model))
 
     def map_error(self, exc: Exception) -> ProxyError:
         """What a litellm failure means to the client."""
@@ -154,6 +222,21 @@ def _transport_cause(exc: BaseException) -> ProxyError | None:
             return UpstreamUnavailableError("upstream unreachable")
         link = link.__cause__ or link.__context__
     return None
+
+
+def _openai_embeddings(response: Any, encoding_format: str | None, model: str) -> dict[str, Any]:
+    from proxy.embeddings.protocol import encode_vector
+
+    data = []
+    for index, item in enumerate(response.data or []):
+        entry = item if isinstance(item, dict) else item.model_dump()
+        data.append({"object": "embedding", "index": entry.get("index", index),
+                     "embedding": encode_vector(entry["embedding"], encoding_format)})
+    usage = getattr(response, "usage", None)
+    prompt = getattr(usage, "prompt_tokens", None) or 0
+    total = getattr(usage, "total_tokens", None) or prompt
+    return {"object": "list", "data": data, "model": getattr(response, "model", None) or model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": total}}
 
 
 def _error_json(message: str) -> bytes:

@@ -35,6 +35,9 @@ _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 class OpenAIHTTPBackend(ChatBackend):
     """An OpenAI-protocol upstream relayed over pooled HTTP, only ``model`` rewritten."""
 
+    serves_embeddings = True
+    serves_responses = True
+
     def __init__(
         self,
         *,
@@ -48,6 +51,9 @@ class OpenAIHTTPBackend(ChatBackend):
     ) -> None:
         self.upstream_model = upstream_model
         self.url = api_base.rstrip("/") + "/chat/completions"
+        self.embeddings_url = api_base.rstrip("/") + "/embeddings"
+        self.completions_url = api_base.rstrip("/") + "/completions"
+        self.responses_url = api_base.rstrip("/") + "/responses"
         self.max_retries = max_retries
         self.max_connections = max_connections
         self._headers = {"content-type": "application/json"}
@@ -80,7 +86,8 @@ class OpenAIHTTPBackend(ChatBackend):
             model = name if name and provider in ("openai", "hosted_vllm") else ctx.upstream_model
         return json.dumps({**body, "model": model}).encode()
 
-    async def _send(self, payload: bytes, *, stream: bool) -> aiohttp.ClientResponse:
+    async def _send(self, payload: bytes, *, stream: bool,
+                    url: str | None = None) -> aiohttp.ClientResponse:
         """Send with retries on connect errors and retryable statuses, before any reply."""
         if self._session is None:
             await self.start()
@@ -89,7 +96,8 @@ class OpenAIHTTPBackend(ChatBackend):
         attempt = 0
         while True:
             try:
-                response = await self._session.post(self.url, data=payload, timeout=timeout)
+                response = await self._session.post(url or self.url, data=payload,
+                                                    timeout=timeout)
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 raise UpstreamTimeoutError("upstream timed out") from None
             except aiohttp.ClientError as exc:
@@ -107,9 +115,39 @@ class OpenAIHTTPBackend(ChatBackend):
                 continue
             return response
 
+    async def _open_stream(self, payload: bytes, url: str) -> aiohttp.ClientResponse:
+        """A stream's response, once it answered with success (else its error)."""
+        response = await self._send(payload, stream=True, url=url)
+        if response.status >= 300:
+            try:
+                reply = await response.read()
+            except aiohttp.ClientError:
+                reply = b""
+            finally:
+                response.release()
+            raise upstream_error_from_status(response.status, reply)
+        return response
+
     async def complete(self, body: dict[str, Any],
                        ctx: RequestContext | None = None) -> Completion:
-        response = await self._send(self._payload(body, ctx), stream=False)
+        return await self._reply(self._payload(body, ctx), self.url, "choices")
+
+    async def text_complete(self, body: dict[str, Any],
+                            ctx: RequestContext | None = None) -> Completion:
+        return await self._reply(self._payload(body, ctx), self.completions_url, "choices")
+
+    async def embeddings(self, body: dict[str, Any]) -> Completion:
+        # The configured model, never a tenant's adapter: adapters name chat models.
+        payload = json.dumps({**body, "model": self.upstream_model}).encode()
+        return await self._reply(payload, self.embeddings_url, "data")
+
+    async def native_responses(self, body: dict[str, Any],
+                               ctx: RequestContext | None = None) -> Completion:
+        return await self._reply(self._payload(body, ctx), self.responses_url, "output")
+
+    async def _reply(self, payload: bytes, url: str, listing: str) -> Completion:
+        """A non-stream reply, relayed as its bytes; ``listing``: the list it must hold."""
+        response = await self._send(payload, stream=False, url=url)
         try:
             raw = await response.read()
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -124,8 +162,8 @@ class OpenAIHTTPBackend(ChatBackend):
             data = json.loads(raw)
         except ValueError:
             raise UpstreamError("upstream returned a malformed reply (not JSON)") from None
-        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise UpstreamError("upstream returned a malformed reply (no choices)")
+        if not isinstance(data, dict) or not isinstance(data.get(listing), list):
+            raise UpstreamError(f"upstream returned a malformed reply (no {listing})")
         return Completion(data=data, raw=raw)
 
     async def stream(self, body: dict[str, Any],
@@ -138,17 +176,20 @@ class OpenAIHTTPBackend(ChatBackend):
         finally:
             await events.aclose()
 
-    async def stream_events(
+    def stream_events(
         self, body: dict[str, Any], ctx: RequestContext | None = None
     ) -> AsyncGenerator[list[StreamEvent], None]:
-        response = await self._send(self._payload(body, ctx), stream=True)
+        return self._stream_events(self._payload(body, ctx), self.url)
+
+    def text_stream_events(
+        self, body: dict[str, Any], ctx: RequestContext | None = None
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        return self._stream_events(self._payload(body, ctx), self.completions_url)
+
+    async def _stream_events(self, payload: bytes,
+                             url: str) -> AsyncGenerator[list[StreamEvent], None]:
+        response = await self._open_stream(payload, url)
         try:
-            if response.status >= 300:
-                try:
-                    payload = await response.read()
-                except aiohttp.ClientError:
-                    payload = b""
-                raise upstream_error_from_status(response.status, payload)
             done = False
             pending = b""
             try:
@@ -177,6 +218,57 @@ class OpenAIHTTPBackend(ChatBackend):
                 raise UpstreamError("upstream stream ended before [DONE]")
         finally:
             response.release()
+
+    # -- the Responses API, relayed as it is (models set to `responses: native`) ----------
+
+    async def native_responses_stream(
+        self, body: dict[str, Any], ctx: RequestContext | None = None
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        response = await self._open_stream(self._payload(body, ctx), self.responses_url)
+        try:
+            pending = b""
+            finished = False
+            try:
+                async for block in response.content.iter_any():
+                    frames = (pending + block).split(b"\n\n")
+                    pending = frames.pop()
+                    group = []
+                    for raw in frames:
+                        event = _parse_event(raw)
+                        if event is not None:
+                            group.append(StreamEvent(event, raw + b"\n\n"))
+                            finished = finished or event.get("type") in _LAST_EVENTS
+                    if group:
+                        yield group
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                raise UpstreamTimeoutError("upstream timed out mid-stream") from None
+            except aiohttp.ClientError as exc:
+                raise UpstreamError(f"upstream stream broke: {type(exc).__name__}") from None
+            if not finished:
+                raise UpstreamError("upstream stream ended before the response finished")
+        finally:
+            response.release()
+
+
+#: The events a Responses stream ends with.
+_LAST_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed",
+                          "error"})
+
+
+def _parse_event(frame: bytes) -> dict[str, Any] | None:
+    """A Responses stream frame's event (its ``data:`` line), None for comments."""
+    for line in frame.split(b"\n"):
+        if line.startswith(b"data:"):
+            if line[5:].strip() == b"[DONE]":  # some relays end a Responses stream so
+                return None
+            try:
+                event = json.loads(line[5:])
+            except ValueError:
+                raise UpstreamError("upstream sent a malformed stream event") from None
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                raise UpstreamError("upstream sent a malformed stream event")
+            return event
+    return None
 
 
 def _parse_chunk(data: bytes) -> dict[str, Any]:

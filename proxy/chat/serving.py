@@ -8,14 +8,11 @@ import json
 from starlette.requests import Request
 from starlette.responses import Response
 
-from memory.layer import Turn
-from proxy import headers as h
 from proxy.backends.base import Completion, StreamEvent, chunk_text, completion_text
 from proxy.chat.protocol import parse_chat_request
 from proxy.context import AppContext
-from proxy.errors import ModelNotFoundError, ProxyError
-from proxy.pipeline import Call, Pipeline
-from proxy.state import request_state
+from proxy.errors import ProxyError
+from proxy.pipeline import Call, Pipeline, begin
 
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -42,7 +39,12 @@ class ChatCodec:
     def error(self, exc: ProxyError) -> bytes:
         return sse_frame(exc.body())
 
-    def done(self) -> bytes:
+    async def render(self, completion: Completion) -> bytes:
+        if completion.raw is not None:
+            return completion.raw
+        return json.dumps(completion.data).encode()
+
+    async def end(self, reply: str | None) -> bytes:
         return DONE_FRAME
 
 
@@ -56,22 +58,10 @@ class ChatServing:
 
     async def handle(self, request: Request) -> Response:
         body, req = parse_chat_request(await request.body())
-        backend = self.context.backends.get(req.model)
-        if backend is None:
-            raise ModelNotFoundError(req.model)
-        state = request_state(request)
-        state.model = req.model
+        backend = self.context.backend(req.model)
         body.pop("memory", None)
-        principal = state.principal
-        assert principal is not None, "the route authenticates first"
-        turn = Turn(
-            request_id=state.request_id,
-            tenant=principal.tenant,
-            user=request.headers.get(h.USER) or req.user or "default",
-            session_id=request.headers.get(h.SESSION),
-            model=req.model,
-            options=req.memory.model_dump(exclude_none=True) if req.memory else {},
-        )
+        turn, state = begin(request, req.model, req.user,
+                            req.memory.model_dump(exclude_none=True) if req.memory else {})
         call = Call(turn=turn, messages=body["messages"], body=body, backend=backend, state=state)
         if req.stream:
             return await self.pipeline.stream(call, CHAT)

@@ -108,10 +108,15 @@ async def flush_memories(request: Request) -> dict[str, Any]:
 @router.post("/v1/memories/purge")
 async def purge_memories(request: Request) -> dict[str, Any]:
     body = await read_body(request, PurgeIn)
-    service = context(request).memory_service()
+    ctx = context(request)
+    service = ctx.memory_service()
     await service.flush()  # what the user said just now is erased too
     removed = await run(service.admin.purge_user, tenant(request), body.user)
-    return {"object": "memory.purge", "user": body.user, "deleted": removed}
+    # Their stored responses (/v1/responses) hold what they said too.
+    responses = await run(ctx.responses.purge_user, tenant(request), body.user) if (
+        ctx.responses is not None) else 0
+    return {"object": "memory.purge", "user": body.user, "deleted": removed,
+            "responses_deleted": responses}
 
 
 @router.get("/v1/memories/{memory_id}")

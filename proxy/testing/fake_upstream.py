@@ -3,8 +3,11 @@
 Tests and benchmarks start it on loopback and point a model's ``api_base`` at it.
 Each request takes the next scripted step (``enqueue``); with none queued it takes
 ``fallback`` if one is set (an upstream that stays down: ``Status(503)``), else it
-answers a fixed completion, streamed when asked, or on ``/embeddings`` one vector per
-input text (:class:`Embeddings`). Every request is kept in ``history``.
+answers a fixed completion, streamed when asked (a ``text_completion`` on
+``/completions``, a choice per prompt), on ``/embeddings`` one vector per input text
+(:class:`Embeddings`), and on ``/responses`` a Responses API reply or event stream when
+made with ``responses=True`` (else a 404, as chat-only servers answer). The bodies come
+from :mod:`proxy.testing.replies`. Every request is kept in ``history``.
 
     with FakeUpstream() as up:
         up.enqueue(Reply({"choices": ...}), Status(503), Delay(2.0), Malformed(),
@@ -20,12 +23,8 @@ Run alone for benchmarks: ``python -m proxy.testing.fake_upstream --port 9100``.
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
-import re
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -33,7 +32,18 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-DEFAULT_TEXT = "Hello from the fake upstream."
+from proxy.testing.replies import (  # noqa: F401 - the builders scripts use, here too
+    DEFAULT_TEXT,
+    chunk,
+    completion,
+    default_stream,
+    embedding,
+    embeddings_reply,
+    response_events,
+    response_object,
+    text_completion,
+    text_stream,
+)
 
 
 @dataclass
@@ -82,6 +92,8 @@ class Stream:
 
     chunks: list[Any]
     cut: bool = False
+    #: End with ``data: [DONE]`` (chat and completions do; the Responses API does not).
+    done: bool = True
 
 
 @dataclass
@@ -111,66 +123,6 @@ class Recorded:
     body: Any
 
 
-def completion(content: str = DEFAULT_TEXT, model: str = "fake-model", **message: Any) -> dict[str, Any]:
-    msg: dict[str, Any] = {"role": "assistant", "content": content, **message}
-    finish = "tool_calls" if message.get("tool_calls") else "stop"
-    return {
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
-        "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-    }
-
-
-def chunk(content: str | None = None, finish: str | None = None, model: str = "fake-model",
-          **delta: Any) -> dict[str, Any]:
-    d: dict[str, Any] = dict(delta)
-    if content is not None:
-        d["content"] = content
-    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
-            "model": model, "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
-
-
-def default_stream(content: str = DEFAULT_TEXT, usage: bool = False) -> list[dict[str, Any]]:
-    words = content.split(" ")
-    chunks = [chunk("", role="assistant")]
-    chunks += [chunk(w if i == 0 else " " + w) for i, w in enumerate(words)]
-    chunks.append(chunk(finish="stop"))
-    if usage:
-        chunks.append({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
-                       "created": 1700000000, "model": "fake-model", "choices": [],
-                       "usage": {"prompt_tokens": 5, "completion_tokens": len(words),
-                                 "total_tokens": 5 + len(words)}})
-    return chunks
-
-
-def embedding(text: str, dim: int = 384) -> list[float]:
-    """The vector :class:`Embeddings` answers for ``text``."""
-    vec = [0.0] * dim
-    vec[0] = 0.5  # never the zero vector, not even for a text without words
-    for word in re.findall(r"\w+", text.lower()):
-        h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
-        vec[h % dim] += 1.0 if (h >> 32) & 1 else -1.0
-    norm = sum(v * v for v in vec) ** 0.5
-    return [v / norm for v in vec]
-
-
-def embeddings_reply(body: dict[str, Any], dim: int = 384) -> dict[str, Any]:
-    raw = body.get("input")
-    inputs = raw if isinstance(raw, list) else [raw]
-    # Token arrays are embedded by their JSON text: stable, if meaningless.
-    texts = [item if isinstance(item, str) else json.dumps(item) for item in inputs]
-    data: list[dict[str, Any]] = []
-    for index, text in enumerate(texts):
-        vec = embedding(text, dim)
-        value: Any = vec
-        if body.get("encoding_format") == "base64":
-            value = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
-        data.append({"object": "embedding", "index": index, "embedding": value})
-    tokens = sum(len(t.split()) for t in texts)
-    return {"object": "list", "data": data, "model": body.get("model", "fake-embedding"),
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-
 @dataclass
 class _Script:
     steps: deque[Any] = field(default_factory=deque)
@@ -179,6 +131,8 @@ class _Script:
     record: bool = True
     fallback: Any = None
     embedding_dim: int = 384
+    #: Serves the Responses API (``/responses``); else it is a 404, as on chat-only servers.
+    responses: bool = False
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -220,8 +174,19 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(step.seconds)
             step = step.then
         if step is None:
-            if self.path.rstrip("/").endswith("/embeddings"):
+            path = self.path.rstrip("/")
+            if path.endswith("/embeddings"):
                 step = Embeddings(self.server.script.embedding_dim)
+            elif path.endswith("/responses"):
+                step = (Status(404, "Unknown path /v1/responses") if not self.server.script.responses
+                        else Stream(response_events(body), done=False) if body.get("stream")
+                        else Reply(response_object(body)))
+            elif path.endswith("/completions") and not path.endswith("/chat/completions"):
+                prompt = body.get("prompt")  # a choice per prompt of a list (not of token ids)
+                prompts = (len(prompt) if isinstance(prompt, list) and prompt
+                           and not isinstance(prompt[0], int) else 1)
+                step = (Stream(text_stream(prompts=prompts)) if body.get("stream")
+                        else Reply(text_completion([DEFAULT_TEXT] * prompts)))
             elif body.get("stream"):
                 include = bool((body.get("stream_options") or {}).get("include_usage"))
                 step = Stream(default_stream(usage=include))
@@ -278,7 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        self._chunk(b"data: [DONE]\n\n")
+        if step.done:
+            self._chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -298,9 +264,10 @@ class _Server(ThreadingHTTPServer):
 
 class FakeUpstream:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True,
-                 embedding_dim: int = 384) -> None:
+                 embedding_dim: int = 384, responses: bool = False) -> None:
         self._server = _Server((host, port), _Handler)
-        self._server.script = _Script(record=record, embedding_dim=embedding_dim)
+        self._server.script = _Script(record=record, embedding_dim=embedding_dim,
+                                      responses=responses)
         self._thread: threading.Thread | None = None
 
     @property
@@ -349,8 +316,9 @@ class FakeUpstream:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Scripted fake OpenAI-compatible upstream.")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--responses", action="store_true", help="serve the Responses API too")
     args = parser.parse_args()
-    upstream = FakeUpstream(port=args.port, record=False)
+    upstream = FakeUpstream(port=args.port, record=False, responses=args.responses)
     print(upstream.port, flush=True)
     upstream._server.serve_forever()
 

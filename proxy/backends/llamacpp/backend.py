@@ -1,5 +1,6 @@
 """The embedded model as a chat backend: a GGUF run in-process by llama.cpp
-(llama-cpp-python), its parts put together behind the backend interface.
+(llama-cpp-python), its parts put together behind the backend interface (legacy text
+completions too: :mod:`.text`).
 
 Generation runs on one worker thread, a request at a time in FIFO order
 (:mod:`.bridge`). Non-stream replies are built from the same token stream, so
@@ -28,8 +29,9 @@ from typing import Any, TypeVar
 
 from memory.activation import Prefix, StateCache
 from memory.native import load_llama, uses_extra_buffer_types
-from proxy.backends.base import ChatBackend, Completion, RequestContext
+from proxy.backends.base import ChatBackend, Completion, RequestContext, StreamEvent
 from proxy.backends.llamacpp import schema
+from proxy.backends.llamacpp import text as legacy
 from proxy.backends.llamacpp.bridge import GenerationStats, Worker
 from proxy.backends.llamacpp.kv import PROMPT_CHUNK, ContextState, Owner
 from proxy.backends.llamacpp.lora import Loras, LoraSpec
@@ -293,3 +295,61 @@ class LlamaCppBackend(ChatBackend):
 
     def _usage(self, prompt: list[int], text: str) -> dict[str, int]:
         return schema.usage(len(prompt), self.count_tokens(text) if text else 0)
+
+    # -- legacy text completions (POST /v1/completions) ----------------------------------
+
+    def _text_prompts(self, body: dict[str, Any]) -> list[tuple[str, list[int], dict[str, Any]]]:
+        """Each prompt with its tokens and completion arguments; raises the request's 400s."""
+        prompts = legacy.check_request(body)
+        several = isinstance(body.get("prompt"), list)
+        out = []
+        for index, prompt in enumerate(prompts):
+            tokens = legacy.tokenize(self._llm, prompt)
+            room = legacy.check_room(self.n_ctx, tokens, index, several)
+            out.append((prompt, tokens, legacy.completion_kwargs(body, room)))
+        return out
+
+    async def text_complete(self, body: dict[str, Any],
+                            ctx: RequestContext | None = None) -> Completion:
+        made = legacy.TextCompletion(self.name)
+        choices: list[tuple[str, str]] = []
+        prompt_tokens = completion_tokens = 0
+        for prompt, tokens, kwargs in self._text_prompts(body):
+            pieces: list[str] = []
+            finish: str | None = None
+            async for piece, reason in self._pieces(tokens, kwargs, None, ctx):
+                if piece is not None:
+                    pieces.append(piece)
+                    finish = reason or finish
+            out = "".join(pieces)
+            prompt_tokens += len(tokens)
+            completion_tokens += self.count_tokens(out) if out else 0
+            choices.append(((prompt if body.get("echo") else "") + out, finish or "stop"))
+        return Completion(data=made.whole(choices, schema.usage(prompt_tokens,
+                                                                completion_tokens)))
+
+    async def text_stream_events(
+        self, body: dict[str, Any], ctx: RequestContext | None = None
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        prompts = self._text_prompts(body)
+        made = legacy.TextCompletion(self.name)
+        echo = bool(body.get("echo"))
+        prompt_tokens = completion_tokens = 0
+        for index, (prompt, tokens, kwargs) in enumerate(prompts):
+            pieces: list[str] = []
+            finish: str | None = None
+            async for piece, reason in self._pieces(tokens, kwargs, None, ctx):
+                if piece is None:  # the context is set up: the choice starts
+                    if echo or index == 0:
+                        yield [StreamEvent(made.chunk(index, prompt if echo else "", None))]
+                    continue
+                finish = reason or finish
+                if piece:
+                    pieces.append(piece)
+                    yield [StreamEvent(made.chunk(index, piece, None))]
+            yield [StreamEvent(made.chunk(index, "", finish or "stop"))]
+            out = "".join(pieces)
+            prompt_tokens += len(tokens)
+            completion_tokens += self.count_tokens(out) if out else 0
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield [StreamEvent(made.usage_chunk(schema.usage(prompt_tokens, completion_tokens)))]

@@ -1,0 +1,1 @@
+"""``POST /v1/embeddings``: the embedded MiniLM and relayed upstream models."""

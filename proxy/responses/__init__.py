@@ -1,0 +1,1 @@
+"""``/v1/responses``: OpenAI's Responses API, with memory, on every backend."""
