@@ -360,3 +360,21 @@ def test_responses_need_a_key_like_chat(live: Live) -> None:
     assert r.status_code == 401
     r = httpx.get(f"{live.base_url}/responses/resp_1", timeout=10)
     assert r.status_code == 401
+
+
+def test_a_response_that_cannot_be_stored_is_still_answered(
+        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = live.context.responses
+    assert store is not None
+
+    def full_disk(record: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "save", full_disk)
+    r = client(live).responses.create(model="up", input="hi")
+    assert r.output_text == "Hello from the fake upstream."
+    events = sse_events(live, {"model": "up", "input": "hi"})
+    assert events[-1]["type"] == "response.completed"
+    monkeypatch.undo()
+    with pytest.raises(openai.NotFoundError):
+        client(live).responses.retrieve(r.id)

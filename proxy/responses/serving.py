@@ -12,6 +12,7 @@ Responses API instead (:mod:`proxy.responses.native`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from starlette.requests import Request
@@ -26,6 +27,8 @@ from proxy.responses.native import NativeBackend, NativeCodec
 from proxy.responses.protocol import ResponsesRequest, parse_responses_request
 from proxy.responses.store import ResponseStore, StoredResponse
 from proxy.responses.stream import ResponsesCodec
+
+log = logging.getLogger(__name__)
 
 
 class ResponsesServing:
@@ -93,6 +96,11 @@ class ResponsesServing:
                 id=response["id"], tenant=turn.tenant, user=turn.user, response=response,
                 input_items=t.input_items(req),
                 conversation=[*conversation, *t.output_messages(response["output"])])
-            await asyncio.to_thread(store.save, record)
+            try:
+                await asyncio.to_thread(store.save, record)
+            except Exception:
+                # The answer exists: losing its stored copy (a full disk) must not cost
+                # the client the answer. A later previous_response_id to it is a 404.
+                log.exception("response %s could not be stored", record.id)
 
         return keep
