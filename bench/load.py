@@ -17,7 +17,9 @@ the upstream's. The proxy's resident memory (anonymous and file-backed apart) an
 outbox backlog are sampled at the end of the warm-up, every progress line and at the
 end. Then a flush (``POST /v1/memories/flush``), after which every exchange the
 client saw complete must be stored exactly once, and the outbox must be empty.
-``--no-write`` runs recall alone, to tell the request path's memory from the store's.
+``--no-write`` runs recall alone, to tell the request path's memory from the store's;
+``--memory-off`` the relay alone; ``--side-by-side`` memory off then on, with their
+throughput ratio.
 
 Progress goes to stderr; one JSON line of figures to stdout. tests/test_load.py runs
 the short form through the same functions.
@@ -43,7 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,7 @@ class Options:
     timeout: float = 60.0  # per request, client side
     pool_size: int = 10  # clients per HTTP connection pool
     write: bool = True  # False: requests say memory.write=false (recall only, nothing stored)
+    memory: bool = True  # False: the proxy runs with memory.enabled false (the relay alone)
     progress: float = 5.0  # seconds between progress lines
     seed: int = 20251124
 
@@ -139,7 +142,8 @@ class Watch:
         def kib(key: str) -> int:
             return int(status[key].split()[0]) * 1024
 
-        pending = outbox_state(self.outbox)["pending"] if self.outbox else None
+        pending = (outbox_state(self.outbox)["pending"] if self.outbox and self.outbox.exists()
+                   else None)
         return Sample(rss=kib("VmRSS"), anon=kib("RssAnon"), file=kib("RssFile"), pending=pending)
 
     def cpu(self) -> float:
@@ -171,7 +175,7 @@ def proxy_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"]
 
 
-def write_config(path: Path, data_dir: Path, upstream_url: str) -> Path:
+def write_config(path: Path, data_dir: Path, upstream_url: str, memory: bool = True) -> Path:
     config: dict[str, Any] = {
         "data_dir": str(data_dir),
         # The access log at 200 clients would cost the proxy more than some of its
@@ -179,7 +183,7 @@ def write_config(path: Path, data_dir: Path, upstream_url: str) -> Path:
         "log_level": "warning",
         "models": [{"name": MODEL, "backend": "litellm", "model": "openai/fake-model",
                     "api_base": upstream_url, "max_retries": 0, "timeout": 30.0}],
-        "memory": {"enabled": True, "extraction": "fast"},
+        "memory": {"enabled": memory, "extraction": "fast"},
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -246,7 +250,7 @@ def stack(opts: Options, workdir: Path) -> Iterator[Stack]:
         assert upstream.stdout is not None
         upstream_url = f"http://127.0.0.1:{int(upstream.stdout.readline())}/v1"
         data_dir = workdir / "data"
-        config = write_config(workdir / "load.yaml", data_dir, upstream_url)
+        config = write_config(workdir / "load.yaml", data_dir, upstream_url, opts.memory)
         port = free_port()
         log_path = workdir / "proxy.log"
         out = log_path.open("wb")
@@ -521,11 +525,13 @@ async def bench(opts: Options, workdir: Path) -> dict[str, Any]:
             f"+ {opts.duration:g}s")
         run = await drive(s.url, opts, s.watch)
         figures = summarize(run, opts)
-        log(f"{figures['requests_total']} requests, {figures['errors']} errors; flushing")
-        figures["flush_s"] = round(flush(s.url), 3)
-        figures["rss_mib"]["after_flush"] = mib(s.watch.sample().rss)
-        figures["outbox"] = outbox_state(s.outbox)
-        figures["memories"] = check_stored(run.exchanges, list_memories(s.url), opts.write)
+        figures["memory"] = opts.memory
+        if opts.memory:
+            log(f"{figures['requests_total']} requests, {figures['errors']} errors; flushing")
+            figures["flush_s"] = round(flush(s.url), 3)
+            figures["rss_mib"]["after_flush"] = mib(s.watch.sample().rss)
+            figures["outbox"] = outbox_state(s.outbox)
+            figures["memories"] = check_stored(run.exchanges, list_memories(s.url), opts.write)
         figures["proxy_log"] = s.log_problems()
     figures["loadavg_before"] = [round(x, 2) for x in load_before]
     return figures
@@ -551,6 +557,11 @@ def main() -> None:
     parser.add_argument("--no-write", dest="write", action="store_false",
                         help="requests ask for no write-back (memory.write=false): recall only, "
                         "so memory growth is the request path's alone")
+    parser.add_argument("--memory-off", dest="memory", action="store_false",
+                        help="run the proxy with memory.enabled false: the relay alone")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run memory off, then memory on, with the same clients; print "
+                        "both and the on/off throughput ratio")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (data, config, proxy log), as a run "
                         "with errors does")
@@ -559,18 +570,35 @@ def main() -> None:
         parser.error(f"--users must be 1 to {len(USERS)}")
     opts = Options(clients=args.clients, duration=args.duration, warmup=args.warmup,
                    users=args.users, chunks=args.chunks, chunk_delay=args.chunk_delay,
-                   timeout=args.timeout, progress=args.progress, write=args.write)
+                   timeout=args.timeout, progress=args.progress, write=args.write,
+                   memory=args.memory)
+    if not args.side_by_side:
+        print(json.dumps(run_once(opts, args.keep)), flush=True)
+        return
+    off = run_once(replace(opts, memory=False), args.keep)
+    on = run_once(replace(opts, memory=True), args.keep)
+    print(json.dumps({
+        "bench": "load", "side_by_side": True, "clients": opts.clients,
+        "throughput_rps": {"memory_off": off["throughput_rps"], "memory_on": on["throughput_rps"]},
+        "on_off_throughput_ratio": round(on["throughput_rps"] / off["throughput_rps"], 3),
+        "proxy_cpu_ms_per_req": {"memory_off": off["proxy_cpu_ms_per_req"],
+                                 "memory_on": on["proxy_cpu_ms_per_req"]},
+        "ttfb_ms": {"memory_off": off["ttfb_ms"], "memory_on": on["ttfb_ms"]},
+        "errors": off["errors"] + on["errors"], "memory_off": off, "memory_on": on}), flush=True)
+
+
+def run_once(opts: Options, keep_dir: bool) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="memcube-load-"))
     keep = True  # a run that fails leaves its data and the proxy's log to look at
     try:
         figures = asyncio.run(bench(opts, workdir))
-        keep = args.keep or bool(figures["errors"]) or sum(figures["proxy_log"].values()) > 0
+        keep = keep_dir or bool(figures["errors"]) or sum(figures["proxy_log"].values()) > 0
     finally:
         if keep:
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(figures), flush=True)
+    return figures
 
 
 if __name__ == "__main__":

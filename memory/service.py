@@ -25,6 +25,7 @@ from memory.admin import MemoryAdmin, check_cubes
 from memory.apply import Plan, Writer
 from memory.blocks import BlockCache, PrefixChanged
 from memory.embedding.base import Embedder
+from memory.embedding.cache import CachingEmbedder
 from memory.errors import MemoryLayerError, MemoryUnavailable
 from memory.extract import FineExtractor, fast, new_user_turns
 from memory.inject import TokenCounter, build_block, inject
@@ -68,16 +69,19 @@ class MemoryService:
         # Every store failure reaches us as MemoryUnavailable, whatever the backend.
         self.store: MemoryStore = store if isinstance(store, GuardedStore) else GuardedStore(store)
         self.embedder = embedder
+        # Recall and write-back share recent vectors: a turn embedded as the query is
+        # not embedded again when it is stored (memory/embedding/cache.py).
+        self.vectors = CachingEmbedder(embedder)
         self.outbox = outbox
         self.config = config or MemoryConfig()
         self.counter_for = counter_for or (lambda model: _rough_count)
         self.fine = fine
-        self.retriever = Retriever(self.store, embedder, self.config.retrieval)
+        self.retriever = Retriever(self.store, self.vectors, self.config.retrieval)
         self.blocks = BlockCache(self.store, tokens=self.config.activation_tokens,
                                  refresh=self.config.activation_refresh,
                                  counter_for=self.counter_for,
                                  on_prefix_changed=on_prefix_changed, clock=clock)
-        self.writer = Writer(self.store, embedder, self.blocks)
+        self.writer = Writer(self.store, self.vectors, self.blocks)
         self.admin = MemoryAdmin(self.store, self.writer, self.retriever, self.blocks)
         self.worker = WriteBackWorker(outbox, self._handle, probe=self._probe)
         self.access = AccessRecorder(self.store)
