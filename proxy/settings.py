@@ -155,6 +155,10 @@ class EmbedderSettings(_Section):
         "local: use llama.cpp's extra CPU buffer types (AMX tiles, repacked weights). Off "
         "by default: they crashed MiniLM on Intel CPUs with AMX. Run `memcube-proxy doctor` "
         "after turning them on."))
+    n_threads: int | None = Field(default=None, ge=1, description=(
+        "local: CPU threads MiniLM embeds with (default: all cores). Fewest milliseconds per "
+        "query when the proxy is idle; under many concurrent requests 1 leaves the other "
+        "cores to serving and costs less CPU per request (see README, Benchmarks)."))
 
     @model_validator(mode="after")
     def _litellm_needs_model(self) -> EmbedderSettings:

@@ -76,7 +76,7 @@ def local_embeddings(settings: Settings, ctx: AppContext) -> LocalEmbeddings:
     assert settings.embeddings.local_model is not None
     cfg = settings.memory.embedder
     load = partial(MiniLMEmbedder, cfg.cache_dir or settings.data_dir / "models",
-                   extra_buffer_types=cfg.extra_buffer_types)
+                   n_threads=cfg.n_threads, extra_buffer_types=cfg.extra_buffer_types)
     return LocalEmbeddings(settings.embeddings.local_model, load,
                            shared=lambda: ctx.memory.embedder if ctx.memory is not None else None)
 
@@ -94,7 +94,7 @@ def build_embedder(settings: Settings) -> Embedder:
     from memory.embedding.minilm import MiniLMEmbedder
 
     return MiniLMEmbedder(cfg.cache_dir or settings.data_dir / "models",
-                          extra_buffer_types=cfg.extra_buffer_types)
+                          n_threads=cfg.n_threads, extra_buffer_types=cfg.extra_buffer_types)
 
 
 def build_store(settings: Settings, embedder: Embedder) -> MemoryStore:

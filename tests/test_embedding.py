@@ -263,3 +263,19 @@ def test_litellm_embedder_dimension_mismatch_is_a_clear_error(fake_api: FakeEmbe
     embedder = LiteLLMEmbedder("openai/fake-embed", 384, api_base=fake_api.url, api_key="sk-test")
     with pytest.raises(EmbeddingDimensionError, match=r"returned 8-dimensional vectors but dim=384"):
         embedder.embed(["hello"])
+
+
+def test_minilm_threads_come_from_the_settings(model_cache: Path, tmp_path: Path) -> None:
+    from proxy.settings import EmbedderSettings, MemorySettings, Settings
+    from proxy.wiring import build_embedder
+
+    settings = Settings(data_dir=tmp_path, memory=MemorySettings(
+        embedder=EmbedderSettings(cache_dir=model_cache, n_threads=1)))
+    embedder = build_embedder(settings)
+    try:
+        assert isinstance(embedder, MiniLMEmbedder)
+        llama = embedder._require_open()
+        assert (llama.n_threads, llama.n_threads_batch) == (1, 1)
+        assert len(embedder.embed(["one thread"])[0]) == 384
+    finally:
+        embedder.close()
