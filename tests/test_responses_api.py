@@ -378,3 +378,11 @@ def test_a_response_that_cannot_be_stored_is_still_answered(
     monkeypatch.undo()
     with pytest.raises(openai.NotFoundError):
         client(live).responses.retrieve(r.id)
+
+
+def test_a_continuation_may_send_no_new_input(live: Live, upstream: FakeUpstream) -> None:
+    first = client(live).responses.create(model="up", input="Tell me a story.")
+    client(live).responses.create(model="up", previous_response_id=first.id)
+    assert upstream.history[-1].body["messages"] == [
+        {"role": "user", "content": "Tell me a story."},
+        {"role": "assistant", "content": "Hello from the fake upstream."}]

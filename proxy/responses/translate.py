@@ -40,6 +40,8 @@ def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
     """The request's input as a list of items in their full form, each with an id (what
     ``GET /v1/responses/{id}/input_items`` lists)."""
     raw: list[InputItem]
+    if req.input == "":  # a continuation with nothing new
+        return []
     if isinstance(req.input, str):
         raw = [MessageItem(role="user", content=[InputText(type="input_text", text=req.input)])]
     else:
@@ -59,7 +61,7 @@ def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
 def chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     """The request's input (instructions aside) as chat messages."""
     if isinstance(req.input, str):
-        return [{"role": "user", "content": req.input}]
+        return [{"role": "user", "content": req.input}] if req.input else []
     messages: list[dict[str, Any]] = []
     for index, item in enumerate(req.input):
         _add(messages, item, index)
