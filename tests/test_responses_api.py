@@ -333,6 +333,7 @@ def test_retention_expires_stored_responses(tmp_path: Path, upstream: FakeUpstre
      "input.[0].content.[0].type"),
     ({"model": "up", "input": [{"type": "item_reference", "id": "msg_1"}]}, "input.[0]"),
     ({"model": "up", "input": "hi", "memory": {"top_k": -1}}, "memory.top_k"),
+    ({"model": "up", "input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, "input"),
 ])
 def test_bad_requests_are_400s_naming_the_field(live: Live, body: dict[str, Any],
                                                  param: str) -> None:

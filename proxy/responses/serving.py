@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from memory.layer import Turn
 from proxy.context import AppContext
-from proxy.errors import NotFoundError
+from proxy.errors import InvalidRequestError, NotFoundError
 from proxy.pipeline import Call, Codec, Pipeline, begin
 from proxy.responses import translate as t
 from proxy.responses.native import NativeBackend, NativeCodec
@@ -48,6 +48,9 @@ class ResponsesServing:
         previous = await self._previous(turn, req)
         history = previous.conversation if previous is not None else []
         new = t.chat_messages(req)
+        if not history and not new and not req.instructions:
+            raise InvalidRequestError("The input holds nothing a model can read (only "
+                                      "reasoning items).", param="input", code="invalid_value")
         if self._native(req.model):
             # The upstream keeps the conversation of previous_response_id itself.
             native = NativeBackend(backend, body, new)
