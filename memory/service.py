@@ -93,8 +93,13 @@ class MemoryService:
             await self.blocks.start()
 
     async def stop(self) -> None:
+        # Fine extraction can take its LLM a minute per call: shutdown does not wait for
+        # it. The batch in hand is cancelled (the local model stops generating at its
+        # next token) and stays in the outbox, replayed on the next start. Write-back
+        # stops first, so a block refresh waiting for the model is not stuck behind it.
+        fine = self.fine is not None and self.config.extraction == "fine"
+        await self.worker.stop(timeout=0 if fine else None)
         await self.blocks.stop()
-        await self.worker.stop()
         await self.access.stop()
 
     def close(self) -> None:

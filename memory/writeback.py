@@ -115,7 +115,8 @@ class WriteBackWorker:
     async def stop(self, timeout: float | None = None) -> None:
         """Finish the batch in hand and stop; the rest stays in the outbox for next time.
 
-        Past ``timeout`` the batch is cancelled; it is replayed on the next start.
+        Past ``timeout`` the batch is cancelled; it is replayed on the next start
+        (``timeout=0``: at once, for handlers that may take minutes).
         """
         task = self._task
         if task is None:
@@ -129,7 +130,11 @@ class WriteBackWorker:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
-            log.warning("outbox worker cancelled after %ss; its batch will be replayed", timeout)
+            if timeout:
+                log.warning("outbox worker cancelled after %ss; its batch will be replayed",
+                            timeout)
+            else:
+                log.info("outbox worker stopped; a batch in hand will be replayed")
         finally:
             self._task = None
             await self._announce()

@@ -177,6 +177,13 @@ class MemorySettings(_Section):
     extraction_model: str | None = Field(
         default=None, description="The configured model (a `models` name) fine extraction calls."
     )
+    extraction_max_tokens: int = Field(default=256, ge=16, le=8192, description=(
+        "Fine extraction: the most tokens one LLM call (facts, or one decision) may generate; "
+        "a reply cut short is not the JSON asked for, and the turn is stored raw."))
+    extraction_timeout: float = Field(default=60.0, gt=0, description=(
+        "Fine extraction: seconds one LLM call may take, waiting for the model included; "
+        "past it the call is stopped (the local model stops generating) and the turn is "
+        "stored raw."))
     top_k: int = Field(default=8, ge=0, le=100, description="Memories injected per request.")
     max_tokens: int = Field(default=1024, ge=0, description="Token budget of the memory block.")
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings,

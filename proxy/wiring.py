@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from memory.activation import Prefix, StateCache
 from memory.embedding.base import Embedder
@@ -26,7 +26,7 @@ from memory.store.base import MemoryStore
 from proxy.admin.adapters import AdapterRegistry
 from proxy.admin.tenants import TenantRegistry
 from proxy.backends import ChatBackend, build_backend
-from proxy.backends.base import completion_text
+from proxy.backends.base import RequestContext, completion_text
 from proxy.context import AppContext
 from proxy.observability import Metrics
 from proxy.responses.store import ResponseStore
@@ -133,11 +133,16 @@ def open_memory(settings: Settings, backends: dict[str, ChatBackend],
         assert mem.extraction_model is not None
         extractor = backends[mem.extraction_model]
 
-        async def complete(messages: list[dict[str, str]]) -> str:
-            reply = await extractor.complete({"messages": messages, "temperature": 0})
+        async def complete(messages: list[dict[str, str]], *, response_format: dict[str, Any],
+                           max_tokens: int, tenant: str) -> str:
+            body = {"messages": messages, "temperature": 0, "max_tokens": max_tokens,
+                    "response_format": response_format}
+            # Background: the local model serves waiting requests first.
+            reply = await extractor.complete(body, RequestContext(tenant=tenant, background=True))
             return completion_text(reply.data)
 
-        fine = FineExtractor(complete)
+        fine = FineExtractor(complete, max_tokens=mem.extraction_max_tokens,
+                             timeout=mem.extraction_timeout)
     act = settings.activation
     config = MemoryConfig(enabled=mem.enabled, top_k=mem.top_k, max_tokens=mem.max_tokens,
                           extraction=mem.extraction, activation=act.enabled,

@@ -141,7 +141,7 @@ def test_non_stream_client_disconnect_stops_generation(local_server: Live) -> No
 @pytest.mark.parametrize(
     ("extra", "param"),
     [({"n": 2}, "n"), ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-     ({"response_format": {"type": "json_object"}}, "response_format")],
+     ({"response_format": {"type": "xml"}}, "response_format.type")],
 )
 def test_unsupported_local_features_are_400(local_server: Live, extra: dict[str, object],
                                             param: str) -> None:

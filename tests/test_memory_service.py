@@ -35,7 +35,7 @@ class ScriptedLLM:
     def enqueue(self, *replies: str | dict[str, Any]) -> None:
         self.replies += [r if isinstance(r, str) else json.dumps(r) for r in replies]
 
-    async def __call__(self, messages: list[dict[str, str]]) -> str:
+    async def __call__(self, messages: list[dict[str, str]], **options: Any) -> str:
         self.history.append(messages)
         return self.replies.pop(0)
 

@@ -2,8 +2,9 @@
 
 llama.cpp's extra buffer types (AMX, weight repacking) crashed both models on Intel
 CPUs with AMX, killing the whole test run. They are off by default; the crash path
-(a batch of embeddings, a prefill of 1,000 tokens) runs first, in a child process, so
-a native crash shows as one failing test with the child's stderr (see conftest.py).
+(a batch of embeddings, a prefill of 1,000 tokens, JSON sampled under a grammar) runs
+first, in a child process, so a native crash shows as one failing test with the
+child's stderr (see conftest.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def test_the_crash_path_exits_cleanly_in_a_child_with_default_settings(tmp_path:
     assert prefill and int(prefill.group(1)) >= 1000, output
     assert re.search(r"generate 16 tokens \(local\) \.\.\. ok", done.stdout), output
     assert re.search(r"repeat it at temperature 0 \(local\) \.\.\. ok", done.stdout), output
+    # Grammar sampling (response_format, fine extraction) is native code too.
+    assert re.search(r"answer in JSON under a grammar \(local\) \.\.\. ok", done.stdout), output
     assert done.stdout.rstrip().endswith("all checks passed"), output
 
 

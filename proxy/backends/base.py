@@ -33,6 +33,10 @@ class RequestContext:
     #: backend, or the model name upstream backends call instead of their own.
     adapter: str | None = None
     upstream_model: str | None = None
+    #: Work nobody waits on (memory extraction): a backend that runs one call at a
+    #: time (the local model) runs it only when no request runs or waits; the others
+    #: ignore it.
+    background: bool = False
 
 
 @dataclass(slots=True)

@@ -2,8 +2,10 @@
 (llama-cpp-python), its parts put together behind the backend interface (legacy text
 completions too: :mod:`.text`).
 
-Generation runs on one worker thread, a request at a time in FIFO order
-(:mod:`.bridge`). Non-stream replies are built from the same token stream, so
+Generation runs on one worker thread, a request at a time in FIFO order, background
+work (memory extraction) after every waiting request (:mod:`.bridge`). A
+``response_format`` asking for JSON is followed by grammar-constrained sampling
+(:mod:`.grammar`). Non-stream replies are built from the same token stream, so
 temperature 0 gives the same text either way. It also gives the same text whatever
 the context held before: prompts are evaluated in chunks at fixed positions, and
 tokens already in the context are reused only where a request computed from nothing
@@ -30,7 +32,7 @@ from typing import Any, TypeVar
 from memory.activation import Prefix, StateCache
 from memory.native import load_llama, uses_extra_buffer_types
 from proxy.backends.base import ChatBackend, Completion, RequestContext, StreamEvent
-from proxy.backends.llamacpp import schema
+from proxy.backends.llamacpp import grammar, schema
 from proxy.backends.llamacpp import text as legacy
 from proxy.backends.llamacpp.bridge import GenerationStats, Worker
 from proxy.backends.llamacpp.kv import PROMPT_CHUNK, ContextState, Owner
@@ -92,6 +94,11 @@ class LlamaCppBackend(ChatBackend):
     def last_generation(self) -> GenerationStats | None:
         """How the last generation ended (pieces made, whether it was cancelled)."""
         return self._worker.last_generation
+
+    @property
+    def waiting(self) -> tuple[int, int]:
+        """Calls waiting for the model: (foreground, background)."""
+        return self._worker.waiting
 
     @property
     def owner(self) -> Owner | None:
@@ -232,7 +239,11 @@ class LlamaCppBackend(ChatBackend):
                 f"This model's maximum context length is {self.n_ctx} tokens; the messages "
                 f"take {len(tokens)}.", param="messages", code="context_length_exceeded",
             )
-        return tokens, schema.generation_kwargs(body, room, prompt.stop), plan
+        kwargs = schema.generation_kwargs(body, room, prompt.stop)
+        constraint = grammar.for_request(self._llm, body)
+        if constraint is not None:
+            kwargs["grammar"] = constraint
+        return tokens, kwargs, plan
 
     def _set_up(self, tokens: list[int], plan: PrefixPlan | None,
                 ctx: RequestContext | None) -> None:
@@ -254,7 +265,7 @@ class LlamaCppBackend(ChatBackend):
         return self._worker.pieces(
             functools.partial(self._set_up, tokens, plan, ctx),
             functools.partial(self._completion, tokens, kwargs),
-            prompt_in,
+            prompt_in, background=ctx is not None and ctx.background,
         )
 
     def _completion(self, tokens: list[int], kwargs: dict[str, Any]) -> Iterator[Any]:

@@ -27,12 +27,7 @@ def check_request(body: dict[str, Any]) -> None:
             raise InvalidRequestError(
                 f"'{unsupported}' is not supported by the local model.", param=unsupported
             )
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
-        raise InvalidRequestError(
-            "Only response_format type 'text' is supported by the local model.",
-            param="response_format",
-        )
+    # response_format is followed by a grammar (see .grammar), and checked there.
 
 
 def plain_message(message: dict[str, Any], index: int) -> dict[str, str]:
@@ -74,6 +69,11 @@ def generation_kwargs(body: dict[str, Any], room: int, template_stop: list[str])
             raise InvalidRequestError(
                 "logit_bias must map token ids to numbers.", param="logit_bias"
             ) from None
+        # OpenAI's range. An infinite bias (JSON 1e309) on every token a response_format
+        # grammar allows aborted the process in llama.cpp's grammar sampler.
+        if not all(-100 <= v <= 100 for v in kwargs["logit_bias"].values()):
+            raise InvalidRequestError("logit_bias values must be between -100 and 100.",
+                                      param="logit_bias", code="invalid_value")
     return kwargs
 
 
