@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?=
+# `make serve PORT=8080 HOST=0.0.0.0`: passed on only when given on make's command line
+# (an exported HOST or PORT of the shell is ignored); else the config's, or MEMCUBE_*.
+given = $(if $(filter command line,$(origin $(1))),$(2) $($(1)))
 
 .PHONY: install serve test lint bench doctor clean
 
@@ -24,7 +27,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 serve: install
-	$(BIN)/memcube-proxy serve $(if $(CONFIG),--config $(CONFIG),--config configs/default.yaml)
+	$(BIN)/memcube-proxy serve $(if $(CONFIG),--config $(CONFIG),--config configs/default.yaml) \
+		$(call given,PORT,--port) $(call given,HOST,--host)
 
 doctor: install
 	$(BIN)/memcube-proxy doctor $(if $(CONFIG),--config $(CONFIG),)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -120,19 +119,32 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings: object) -> int:
     import uvicorn
 
+    from proxy import startup
     from proxy.app import create_app
     from proxy.observability import setup_logging
     from proxy.settings import Settings
 
     assert isinstance(settings, Settings)
     setup_logging(settings.log_level)
+    # Checked before any model loads; the lock is held until the process ends.
     try:
-        app = create_app(settings)
-    except (ValueError, FileNotFoundError) as exc:
-        logging.getLogger("proxy").error("cannot start: %s", exc)
+        lock = startup.lock_data_dir(settings.data_dir)
+        startup.check_port(settings.host, settings.port)
+        startup.check_files(settings)
+        app = startup.OneLineStartup(create_app(settings))
+    except (startup.StartupError, ValueError, FileNotFoundError) as exc:
+        for line in str(exc).splitlines():
+            print(f"memcube-proxy: {line}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                access_log=False, log_level=settings.log_level)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                    access_log=False, log_level=settings.log_level)
+    except SystemExit:  # uvicorn's exit when start-up failed
+        if app.error is None:
+            raise
+        return 2
+    finally:
+        lock.release()
     return 0
 
 

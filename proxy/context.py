@@ -26,6 +26,9 @@ from proxy.errors import ModelNotFoundError, NotFoundError
 from proxy.observability import Metrics
 from proxy.responses.store import ResponseStore
 from proxy.settings import Settings
+from proxy.startup import StartupError
+from proxy.traces import Traces
+from proxy.upstreams import UpstreamHealth
 
 if TYPE_CHECKING:
     from proxy.embeddings.local import LocalEmbeddings
@@ -52,6 +55,10 @@ class AppContext:
     responses: ResponseStore | None = None
     #: The embedded MiniLM on /v1/embeddings (None: embeddings.local_model is null).
     embeddings: LocalEmbeddings | None = None
+    #: Records of requests sent with X-Memcube-Debug (proxy/traces.py).
+    traces: Traces = field(default_factory=Traces)
+    #: Upstream models' keys and reachability, for /healthz (None: not watched).
+    upstreams: UpstreamHealth | None = None
     _started: list[ChatBackend] = field(default_factory=list)
     _opened: MemoryService | None = None
 
@@ -64,17 +71,34 @@ class AppContext:
         self.tenants.load()  # with the tenants the admin API added
         if self.responses is not None:
             await asyncio.to_thread(self.responses.open)
-        for backend in self.backends.values():
-            await backend.start()
+        for name, backend in self.backends.items():
+            try:
+                await backend.start()
+            except (ValueError, OSError) as exc:  # a model file that is missing or no GGUF
+                raise StartupError(f"model '{name}' cannot start: {exc}") from None
             self._started.append(backend)
-        await self.adapters.start()
+        try:
+            await self.adapters.start()
+        except ValueError as exc:  # a configured adapter that does not fit the model
+            raise StartupError(f"{exc}; fix the file (`memcube-proxy adapters inspect FILE` "
+                               "says why) or remove the adapter") from None
+        if self.upstreams is not None:
+            self.upstreams.start()  # warns of unset keys, probes in the background
         if self.open_memory is not None:
             service = await asyncio.to_thread(self.open_memory)
             self._opened = service
             await service.start()
             self.memory = self.layer = service
+            if self.settings.memory.anonymous == "off":
+                log.info("memory.anonymous: off: requests that name no user (X-Memcube-User "
+                         "or the body's `user`) get no memory")
+            else:
+                log.warning("memory.anonymous: shared: requests that name no user all share "
+                            "the memories of the user 'default'")
 
     async def stop(self) -> None:
+        if self.upstreams is not None:
+            await self.upstreams.close()
         service, self._opened = self._opened, None
         if service is not None:
             await service.stop()

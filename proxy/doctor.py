@@ -335,6 +335,14 @@ async def _chat(spec: SelfTestSpec, model: ChatModelSpec) -> None:
             if again != "".join(pieces):
                 raise RuntimeError(f"temperature 0 gave another text the second time: "
                                    f"{''.join(pieces)!r}, then {again!r}")
+    with _step(f"answer in JSON under a grammar ({model.name})"):  # response_format
+        fmt = {"type": "json_schema", "json_schema": {"name": "check", "schema": {
+            "type": "object", "required": ["colours"], "properties": {
+                "colours": {"type": "array", "items": {"type": "string"}, "maxItems": 3}}}}}
+        reply = await backend.complete({"messages": [{"role": "user", "content": "Name "
+                                        "three colours."}], "temperature": 0,
+                                        "max_tokens": 64, "response_format": fmt})
+        json.loads(reply.data["choices"][0]["message"]["content"])  # raises unless JSON
     await backend.close()
 
 

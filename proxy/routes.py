@@ -38,7 +38,11 @@ async def healthz(request: Request) -> JSONResponse:
     ok = all(v == "ready" for v in models.values())
     body: dict[str, Any] = {"status": "ok" if ok else "starting", "models": models}
     if ctx.memory is not None:  # degraded memory is reported, never a failed liveness check
-        body["memory"] = ctx.memory.health()
+        # Whether requests that name no user share memory: an operator sees it at a glance.
+        body["memory"] = {**ctx.memory.health(), "anonymous": ctx.settings.memory.anonymous}
+    if ctx.upstreams is not None and ctx.upstreams.upstreams:
+        # Key set, upstream reachable: probed in the background, never in the status code.
+        body["upstreams"] = ctx.upstreams.report()
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -7,6 +7,7 @@ take JSON in the environment.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,14 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
+)
+
+from proxy.settings_env import (
+    format_validation_error,
+    settings_error,
+    unknown_variables,
+    yaml_problem,
 )
 
 
@@ -333,7 +342,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -357,16 +366,14 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings, env_settings, _DictSource(settings_cls, data))
 
+    given = {k: v for k, v in overrides.items() if v is not None}
+    # Warned of, not refused: platforms set MEMCUBE_* variables of their own (Kubernetes
+    # gives every service NAME_PORT, NAME_SERVICE_HOST, ...).
+    for line in unknown_variables({n: f.annotation for n, f in Settings.model_fields.items()}):
+        logging.getLogger(__name__).warning("%s", line)
     try:
-        return _FileSettings(**{k: v for k, v in overrides.items() if v is not None})
+        return _FileSettings(**given)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, config)) from None
-
-
-def format_validation_error(exc: ValidationError, config: Path | None) -> str:
-    where = f"config {config}" if config else "settings"
-    lines = [f"invalid {where}:"]
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {field}: {err['msg']}")
-    return "\n".join(lines)
+        raise ConfigError(format_validation_error(exc, config, set(given))) from None
+    except SettingsError as exc:  # a MEMCUBE_* variable that is not the JSON it must be
+        raise ConfigError(settings_error(str(exc), exc.__cause__)) from None

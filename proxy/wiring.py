@@ -22,7 +22,7 @@ from memory.inject import TokenCounter, tiktoken_counter
 from memory.layer import MemoryLayer, NullMemory
 from memory.outbox import Outbox
 from memory.service import MemoryConfig, MemoryService
-from memory.store.base import MemoryStore
+from memory.store.base import MemoryStore, StoreError
 from proxy.admin.adapters import AdapterRegistry
 from proxy.admin.tenants import TenantRegistry
 from proxy.backends import ChatBackend, build_backend
@@ -31,6 +31,8 @@ from proxy.context import AppContext
 from proxy.observability import Metrics
 from proxy.responses.store import ResponseStore
 from proxy.settings import ModelConfig, Settings
+from proxy.startup import store_error
+from proxy.upstreams import UpstreamHealth
 
 if TYPE_CHECKING:
     from proxy.embeddings.local import LocalEmbeddings
@@ -45,7 +47,8 @@ def build_context(settings: Settings, *, memory: MemoryLayer | None = None) -> A
     adapters = AdapterRegistry(settings, backends)
     ctx = AppContext(settings=settings, backends=backends, adapters=adapters,
                      tenants=TenantRegistry(settings), metrics=Metrics(),
-                     started_at=int(time.time()), layer=memory or NullMemory())
+                     started_at=int(time.time()), layer=memory or NullMemory(),
+                     upstreams=UpstreamHealth(settings))
     if settings.responses.retention_days > 0:
         ctx.responses = ResponseStore(settings.data_dir / "responses.sqlite3",
                                       settings.responses.retention_days)
@@ -98,18 +101,22 @@ def build_embedder(settings: Settings) -> Embedder:
 
 
 def build_store(settings: Settings, embedder: Embedder) -> MemoryStore:
-    if settings.qdrant.url:
-        from memory.store.server import ServerStore
+    """The store, open; one that cannot be opened is a StartupError (one line)."""
+    try:
+        if settings.qdrant.url:
+            from memory.store.server import ServerStore
 
-        key_env = settings.qdrant.api_key_env
-        return ServerStore.from_url(settings.qdrant.url,
-                                    api_key=os.environ.get(key_env) if key_env else None,
-                                    embedding_model=embedder.model_id, dim=embedder.dim,
-                                    also_accept=embedder.same_space, connect_later=True)
-    from memory.store.edge import EdgeStore
+            key_env = settings.qdrant.api_key_env
+            return ServerStore.from_url(settings.qdrant.url,
+                                        api_key=os.environ.get(key_env) if key_env else None,
+                                        embedding_model=embedder.model_id, dim=embedder.dim,
+                                        also_accept=embedder.same_space, connect_later=True)
+        from memory.store.edge import EdgeStore
 
-    return EdgeStore(settings.data_dir / "qdrant", embedding_model=embedder.model_id,
-                     dim=embedder.dim, also_accept=embedder.same_space)
+        return EdgeStore(settings.data_dir / "qdrant", embedding_model=embedder.model_id,
+                         dim=embedder.dim, also_accept=embedder.same_space)
+    except StoreError as exc:
+        raise store_error(exc, settings.data_dir) from None
 
 
 def token_counter(backends: dict[str, ChatBackend], model: str) -> TokenCounter:

@@ -127,7 +127,9 @@ def test_models_lists_configured_models(live: Live) -> None:
 def test_healthz(live: Live) -> None:
     r = httpx.get(f"{live.url}/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "models": {"up": "ready"}}
+    body = r.json()
+    assert {k: body[k] for k in ("status", "models")} == {"status": "ok", "models": {"up": "ready"}}
+    assert set(body) == {"status", "models", "upstreams"}  # upstreams: tests/test_healthz.py
 
 
 def test_every_response_has_a_distinct_request_id(live: Live) -> None:

@@ -13,7 +13,8 @@ from memory.activation import StateCache
 from proxy.backends.base import ChatBackend, Completion
 from proxy.settings import ModelConfig, UpstreamSettings
 
-__all__ = ["ChatBackend", "Completion", "build_backend", "uses_direct_transport"]
+__all__ = ["ChatBackend", "Completion", "base_url_of", "build_backend", "key_env_of",
+           "uses_direct_transport"]
 
 # litellm providers that are plain OpenAI-protocol endpoints, with their default base URL.
 _OPENAI_PROTOCOL = {"openai": "https://api.openai.com/v1", "hosted_vllm": None}
@@ -36,6 +37,20 @@ def uses_direct_transport(cfg: ModelConfig) -> bool:
     return bool(cfg.api_base or _OPENAI_PROTOCOL[provider])
 
 
+def key_env_of(cfg: ModelConfig) -> str | None:
+    """The variable an upstream model's key is read from: ``api_key_env``, else the
+    provider's usual one (``OPENAI_API_KEY`` for openai/ models)."""
+    return cfg.api_key_env or _DEFAULT_KEY_ENV.get(_split(cfg.model or "")[0])
+
+
+def base_url_of(cfg: ModelConfig) -> str | None:
+    """Where an upstream model's requests go: ``api_base``, else the provider's base on
+    the direct transport; None where litellm finds it (hosted providers)."""
+    if cfg.api_base or not uses_direct_transport(cfg):
+        return cfg.api_base
+    return _OPENAI_PROTOCOL.get(_split(cfg.model or "")[0])
+
+
 def build_backend(cfg: ModelConfig, upstream: UpstreamSettings,
                   states: StateCache | None = None) -> ChatBackend:
     """``states``: where a local model saves activation states (None: it saves none)."""
@@ -56,7 +71,7 @@ def build_backend(cfg: ModelConfig, upstream: UpstreamSettings,
         )
     assert cfg.model is not None
     provider, name = _split(cfg.model)
-    key_env = cfg.api_key_env or _DEFAULT_KEY_ENV.get(provider)
+    key_env = key_env_of(cfg)
     api_key = os.environ.get(key_env) if key_env else None
     timeout = cfg.timeout or upstream.timeout
     retries = cfg.max_retries if cfg.max_retries is not None else upstream.max_retries
