@@ -1,6 +1,10 @@
 """Evidence recall of memory search on LoCoMo conversations, with no LLM in the loop.
 
-    python bench/locomo_recall.py ../shared/bench/locomo_dev.json
+    python bench/locomo_recall.py locomo10.json --first 5
+
+The data is LoCoMo's (Maharana et al., 2024; CC BY-NC 4.0), not shipped here: download
+``data/locomo10.json`` from https://github.com/snap-research/locomo. Its first five
+conversations (conv-26, -30, -41, -42, -43) are the dev half the README's figures use.
 
 Every turn of every conversation goes in through the memory API (bulk POST
 /v1/memories; fast mode: one memory per turn, the session's date as its time, the
@@ -80,8 +84,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path)
     parser.add_argument("--data-dir", type=Path, help="keep the store here (default: a temp dir)")
+    parser.add_argument("--first", type=int, default=None,
+                        help="only the first N conversations (5: the dev half of locomo10.json)")
     args = parser.parse_args()
-    conversations = json.loads(args.path.read_text())
+    conversations = json.loads(args.path.read_text())[:args.first]
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="memcube-locomo-"))
     settings = Settings(data_dir=data_dir, models=[ModelConfig(name="local", backend="llamacpp")],
                         memory=MemorySettings(enabled=True))

@@ -179,7 +179,11 @@ class MemoryAdmin:
             for version in self.store.history(tenant, item.id):
                 yield json.dumps({"object": "memory", **version.model_dump(exclude={"tenant"})}) + "\n"
 
-    def import_cube(self, tenant: str, lines: Iterable[str]) -> tuple[Cube, int]:
+    def import_cube(self, tenant: str, lines: Iterable[str],
+                    new_id: str | None = None) -> tuple[Cube, int]:
+        """Restore an export (``export_cube``'s JSONL). ``new_id``: import it as a copy
+        under that id instead, each memory under a new id of its own (the same ids on
+        every import of one export, so importing twice adds nothing)."""
         cube: Cube | None = None
         versions: list[MemoryItem] = []
         for number, line in enumerate(lines, 1):
@@ -200,6 +204,13 @@ class MemoryAdmin:
             raise InvalidMemoryRequest("the export has no cube line.")
         if any(v.cube_id != cube.id for v in versions):
             raise InvalidMemoryRequest("every memory must belong to the exported cube.")
+        if new_id is not None and new_id != cube.id:
+            # A copy is nobody's own cube: shared, with what it was copied from said.
+            cube = cube.model_copy(update={
+                "id": new_id, "kind": "shared", "owner": None, "created_at": now(),
+                "description": cube.description or f"A copy of cube '{cube.id}'."})
+            for v in versions:
+                v.id, v.cube_id = stable_id("copy", tenant, new_id, v.id), new_id
         self.store.put_cube(cube)
         # Oldest versions first, so each item's newest ends up current.
         versions.sort(key=lambda v: v.version)

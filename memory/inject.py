@@ -130,6 +130,23 @@ def line(item: MemoryItem) -> str:
     return f"- [{_date(item.created_at)}] {neutralise(item.text)}"
 
 
+_SPACES = re.compile(r"\s+")
+
+
+def _plain(text: str) -> str:
+    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def already_said(messages: Sequence[dict[str, Any]]) -> Callable[[MemoryItem], bool]:
+    """Whether a memory's text is already in the request, in any message (whitespace
+    and case aside): injecting it again would only spend the budget on a repeat. This
+    covers earlier turns of the same conversation and a question asked again."""
+    from memory.extract import message_text  # extract -> layer -> activation -> here
+
+    said = "\n".join(_plain(message_text(m)) for m in messages)
+    return lambda item: bool(text := _plain(item.text)) and text in said
+
+
 def build_block(items: Sequence[MemoryItem], budget: int,
                 count: TokenCounter) -> tuple[str | None, list[str]]:
     """The block and the ids it holds: items in rank order while they fit the budget."""

@@ -36,6 +36,10 @@ class Turn:
     session_id: str | None
     model: str
     options: dict[str, Any] = field(default_factory=dict)
+    #: Whether the user's own cube is read and written. False for a request that named
+    #: no user (``user`` is then a stand-in): it reads only the cubes it mounts and
+    #: writes only to a ``write_cube`` it names.
+    personal: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,8 @@ class Recall:
     messages: list[dict[str, Any]]
     memory_ids: list[str] = field(default_factory=list)
     prefix: Prefix | None = None
+    #: The block of retrieved memories injected (the ``<memories>`` message's text).
+    block: str | None = None
     #: What memory cannot do for this request, as known before the backend runs.
     degraded: list[str] = field(default_factory=list)
 

@@ -28,7 +28,7 @@ from memory.embedding.base import Embedder
 from memory.embedding.cache import CachingEmbedder
 from memory.errors import MemoryLayerError, MemoryUnavailable
 from memory.extract import FineExtractor, fast, new_user_turns
-from memory.inject import TokenCounter, build_block, inject
+from memory.inject import TokenCounter, already_said, build_block, inject
 from memory.layer import RECALL, WRITE_BACK, WRITE_BACK_DELAYED, Exchange, Recall, Turn
 from memory.models import MemoryItem, default_cube_id, now
 from memory.outbox import Outbox
@@ -129,16 +129,24 @@ class MemoryService:
                 "write_back": "paused" if self.worker.outage else "ok"}
 
     def _write_degraded(self, turn: Turn) -> list[str]:
-        if not self.config.enabled or not turn.options.get("write", True):
+        if not self._writes(turn):
             return []
         if not self.outbox.writable:
             return [WRITE_BACK]
         return [WRITE_BACK_DELAYED] if self.worker.outage else []
 
+    def _writes(self, turn: Turn) -> bool:
+        """Whether the turn's exchange is written back: ``write`` defaults to ``enabled``."""
+        options = turn.options
+        if not turn.personal and not options.get("write_cube"):
+            return False  # no user named: nowhere of its own to write
+        return self.config.enabled and bool(options.get("write", options.get("enabled", True)))
+
     # -- the request path -------------------------------------------------------------
 
     def _cubes(self, turn: Turn) -> list[str]:
-        cubes = [default_cube_id(turn.tenant, turn.user)]
+        """The user's own cube (if the turn has one), then the mounted ones."""
+        cubes = [default_cube_id(turn.tenant, turn.user)] if turn.personal else []
         for cube_id in turn.options.get("cubes") or []:
             if cube_id not in cubes:
                 cubes.append(cube_id)
@@ -154,7 +162,8 @@ class MemoryService:
         query = " ".join(new_user_turns(messages))
         count = self.counter_for(turn.model)
         try:
-            hits, prefix = await asyncio.to_thread(self._recall_hits, turn, query, top_k, count)
+            hits, prefix = await asyncio.to_thread(self._recall_hits, turn, messages, query,
+                                                   top_k, count)
         except MemoryUnavailable as exc:
             self.recall_failed = True
             log.warning("request %s: recall skipped, %s", turn.request_id, exc.message)
@@ -167,44 +176,53 @@ class MemoryService:
                           turn.request_id)
             return Recall(messages=messages, degraded=[RECALL, *self._write_degraded(turn)])
         self.recall_failed = False
-        if self.config.activation:
-            self.blocks.used(turn.tenant, self._cubes(turn), turn.model)
+        if self.config.activation and (cubes := self._cubes(turn)):
+            self.blocks.used(turn.tenant, cubes, turn.model)
         held = prefix.memory_ids if prefix is not None else set()
+        said = already_said(messages)
+        fresh = [h.item for h in hits if h.item.id not in held and not said(h.item)][:top_k]
         budget = options.get("max_tokens", self.config.max_tokens)
-        block, ids = build_block([h.item for h in hits if h.item.id not in held], budget, count)
+        block, ids = build_block(fresh, budget, count)
         if ids:
             self.access.record(turn.tenant, ids, now())
         injected = [*(m for b in prefix.blocks for m in b.memory_ids), *ids] if prefix else ids
         return Recall(messages=inject(messages, block, prefix.message() if prefix else None),
-                      memory_ids=injected, prefix=prefix, degraded=self._write_degraded(turn))
+                      memory_ids=injected, prefix=prefix, block=block,
+                      degraded=self._write_degraded(turn))
 
     def _check_write_cube(self, turn: Turn) -> None:
         """A ``write_cube`` that does not exist is the request's fault: a 404 before the
         backend is called (and billed), not a failure after the reply."""
         cube = turn.options.get("write_cube")
-        if not cube or not self.config.enabled or not turn.options.get("write", True):
+        if not cube or not self._writes(turn):
             return
         try:
             check_cubes(self.store, turn.tenant, [cube], param="memory.write_cube")
         except MemoryUnavailable:
             pass  # recorded anyway: the worker checks the cube again before it writes
 
-    def _recall_hits(self, turn: Turn, query: str, top_k: int,
+    def _recall_hits(self, turn: Turn, messages: list[dict[str, Any]], query: str, top_k: int,
                      count: TokenCounter) -> tuple[list[Hit], Prefix | None]:
         """One trip off the event loop: check the write cube and the mounted cubes, read
         their activation blocks, then search them."""
         self._check_write_cube(turn)
         cubes = self._cubes(turn)
-        check_cubes(self.store, turn.tenant, cubes[1:], param="memory.cubes")
+        check_cubes(self.store, turn.tenant, cubes[1:] if turn.personal else cubes,
+                    param="memory.cubes")
+        if not cubes:
+            return [], None
         prefix = self.blocks.prefix(turn.tenant, cubes, count) if self.config.activation else None
         if not query or top_k == 0:
             return [], prefix
         scope = Scope(tenant=turn.tenant, cube_ids=cubes)
-        return self.retriever.search(scope, query, top_k), prefix
+        # Memories the request already holds are not injected (inject.already_said): ask
+        # for as many more as it has user turns that could have become memories.
+        said = sum(1 for m in messages if m.get("role") == "user")
+        return self.retriever.search(scope, query, top_k + min(said, top_k)), prefix
 
     async def remember(self, turn: Turn, messages: list[dict[str, Any]],
                        reply: str | None) -> bool:
-        if not self.config.enabled or not turn.options.get("write", True):
+        if not self._writes(turn):
             return True
         exchange = Exchange.of(turn, messages, reply, at=now())
         try:

@@ -35,6 +35,7 @@ from proxy.responses.router import router as responses_router
 from proxy.routes import public, router
 from proxy.settings import Settings
 from proxy.state import request_state
+from proxy.traces import router as traces_router
 from proxy.wiring import build_context
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def create_app(settings: Settings, *, memory: MemoryLayer | None = None) -> Fast
     app.include_router(admin_router)
     app.include_router(responses_router)
     app.include_router(public)
+    app.include_router(traces_router)
     # Other /v1 paths: whatever no route matched, however routes are added, is relayed.
     passthrough.install(app.router)
     app.add_middleware(ProxyMiddleware, metrics=ctx.metrics, max_body_bytes=settings.max_body_bytes)

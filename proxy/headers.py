@@ -7,7 +7,8 @@ They are part of the external contract (README, "Using it" and "API").
 from __future__ import annotations
 
 # -- request --------------------------------------------------------------------------------
-#: The end user a request is for (else the body's ``user``, else ``default``).
+#: The end user a request is for (else the body's ``user``; else none: see
+#: ``memory.anonymous``).
 USER = "x-memcube-user"
 #: A session id, kept with every memory written from the request.
 SESSION = "x-memcube-session"
@@ -24,6 +25,12 @@ ACTIVATION = "x-memcube-activation"
 ADAPTER = "x-memcube-adapter"
 #: What memory could not do for a request (``memory.layer``'s names), comma separated.
 DEGRADED = "x-memcube-degraded"
+#: What memory was asked to do: ``on``, ``recall-only``, ``write-only``, ``off``, or
+#: ``anonymous`` (the request named no user and ``memory.anonymous`` is ``off``).
+MEMORY = "x-memcube-memory"
+#: The model name the upstream reported, where it differs from the one the client sent
+#: (which the response carries).
+UPSTREAM_MODEL = "x-memcube-upstream-model"
 
 #: Headers whose value names a user or session: bounded in length like every id.
 ID_HEADERS = {USER: "X-Memcube-User", SESSION: "X-Memcube-Session"}

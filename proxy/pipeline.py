@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,15 +29,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
-from memory.layer import WRITE_BACK, Turn
+from memory.layer import WRITE_BACK, Recall, Turn
 from proxy import headers as h
+from proxy import traces
 from proxy.backends.base import ChatBackend, Completion, RequestContext, StreamEvent
 from proxy.errors import ProxyError
+from proxy.naming import rename
 from proxy.sse import EventStreamResponse
 from proxy.state import RequestState, request_state
 
 if TYPE_CHECKING:
     from proxy.context import AppContext
+    from proxy.settings import MemorySettings
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +89,56 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+#: The user of requests that name none, when ``memory.anonymous`` is ``shared``.
+ANONYMOUS_USER = "default"
+
+
 def begin(request: Request, model: str, user: str | None,
           options: dict[str, Any]) -> tuple[Turn, RequestState]:
     """Who an authenticated request is for: its :class:`Turn` (the user from
-    ``X-Memcube-User``, else the body's ``user``, else ``default``) and its state."""
+    ``X-Memcube-User``, else the body's ``user``) and its state.
+
+    ``options``: the request's ``memory`` object. ``write`` defaults to ``enabled``, so
+    memory turned off writes nothing unless asked to. A request that names no user has
+    no memory of its own unless ``memory.anonymous`` is ``shared`` (:attr:`Turn.personal`)."""
     state = request_state(request)
     state.model = model
+    state.debug = traces.wanted(request)
     principal = state.principal
     assert principal is not None, "the route authenticates first"
+    named = request.headers.get(h.USER) or user
+    options = dict(options)
+    options.setdefault("write", options.get("enabled", True))
+    personal = bool(named) or request.app.state.context.settings.memory.anonymous == "shared"
     turn = Turn(request_id=state.request_id, tenant=principal.tenant,
-                user=request.headers.get(h.USER) or user or "default",
-                session_id=request.headers.get(h.SESSION), model=model, options=options)
+                user=named or ANONYMOUS_USER, session_id=request.headers.get(h.SESSION),
+                model=model, options=options, personal=personal)
     return turn, state
+
+
+def memory_mode(turn: Turn, settings: MemorySettings) -> str:
+    """The ``X-Memcube-Memory`` value: what memory was asked to do for ``turn``."""
+    if not settings.enabled:
+        return "off"
+    if not turn.personal:
+        return "anonymous"
+    recall, write = turn.options.get("enabled", True), turn.options.get("write", True)
+    return {(True, True): "on", (True, False): "recall-only",
+            (False, True): "write-only"}.get((bool(recall), bool(write)), "off")
+
+
+def trace(call: Call, recall: Recall) -> dict[str, Any]:
+    """The record ``GET /v1/requests/{id}`` returns: what memory did for ``call``."""
+    turn, prefix = call.turn, recall.prefix
+    return {"id": turn.request_id, "object": "memcube.request", "created": int(time.time()),
+            "model": turn.model, "user": turn.user if turn.personal else None,
+            "session_id": turn.session_id, "memory": call.headers[h.MEMORY],
+            "memories": recall.memory_ids, "block": recall.block,
+            "block_memories": [i for i in recall.memory_ids
+                               if prefix is None or i not in prefix.memory_ids],
+            "prefix": prefix.content if prefix is not None else None,
+            "prefix_memories": sorted(prefix.memory_ids) if prefix is not None else [],
+            "adapter": call.headers.get(h.ADAPTER), "degraded": list(recall.degraded)}
 
 
 class Pipeline:
@@ -109,10 +151,13 @@ class Pipeline:
         call.body["messages"] = recall.messages
         call.ctx = RequestContext(tenant=call.turn.tenant, prefix=recall.prefix)
         call.headers[h.MEMORIES] = ",".join(recall.memory_ids)
+        call.headers[h.MEMORY] = memory_mode(call.turn, self.context.settings.memory)
         call.state.degraded = list(recall.degraded)
         applied = self.context.adapters.apply(call.ctx, call.backend)
         if applied:
             call.headers[h.ADAPTER] = applied
+        if call.state.debug:
+            self.context.traces.keep(call.turn.tenant, trace(call, recall))
 
     async def complete(self, call: Call, codec: Codec, receive: Receive) -> Response:
         await self.prepare(call)
@@ -133,6 +178,9 @@ class Pipeline:
             completion = work.result()
         else:
             completion = await backend.complete(call.body, ctx)
+        completion.raw, upstream = rename(completion.data, completion.raw, call.turn.model)
+        if upstream is not None:
+            call.headers[h.UPSTREAM_MODEL] = upstream
         recorded = await self._remember(call, codec.reply_text(completion))
         # The outbox's answer replaces what recall foresaw of it.
         degraded = [d for d in call.state.degraded if d != WRITE_BACK]
@@ -157,6 +205,10 @@ class Pipeline:
             await groups.aclose()
             raise
         call.headers[h.ACTIVATION] = call.ctx.activation  # known once the stream started
+        for event in first:
+            event.raw, upstream = rename(event.data, event.raw, call.turn.model)
+            if upstream is not None:
+                call.headers[h.UPSTREAM_MODEL] = upstream
         if call.state.degraded:
             call.headers[h.DEGRADED] = ",".join(call.state.degraded)
         return EventStreamResponse(self._frames(call, codec, groups, first), call.headers)
@@ -171,6 +223,8 @@ class Pipeline:
                 if first:
                     yield codec.encode(first, text)
                 async for group in groups:
+                    for event in group:
+                        event.raw = rename(event.data, event.raw, call.turn.model)[0]
                     yield codec.encode(group, text)
                 reply: str | None = "".join(text)
             except ProxyError as exc:

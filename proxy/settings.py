@@ -178,6 +178,11 @@ class EmbedderSettings(_Section):
 
 class MemorySettings(_Section):
     enabled: bool = Field(default=True, description="Retrieve, inject and write back memories.")
+    anonymous: Literal["off", "shared"] = Field(default="off", description=(
+        "Requests that name no user (no X-Memcube-User header, no body `user`). off: they "
+        "get no memory, neither recall nor write-back (X-Memcube-Memory: anonymous), so one "
+        "person's requests never feed another's. shared: they all share the user `default` "
+        "of their tenant."))
     extraction: Literal["fast", "fine"] = Field(
         default="fast",
         description="fast: each user turn stored as a raw memory; fine: an LLM extracts facts "

@@ -28,6 +28,8 @@ class RequestState:
     model: str = ""
     #: What memory could not do for the request (``X-Memcube-Degraded``).
     degraded: list[str] = field(default_factory=list)
+    #: Keep a record of what memory did for it (``X-Memcube-Debug``, proxy/traces.py).
+    debug: bool = False
     #: The OpenAI error type the request ended with, mid-stream failures included.
     error_type: str | None = None
 

@@ -80,19 +80,24 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
-@pytest.fixture
-def memory_live(tmp_path: Path, upstream: FakeUpstream, model_cache: Path) -> Iterator[Live]:
-    """A proxy with memory on (real MiniLM, Qdrant Edge on disk) over the fake upstream,
-    auth on: tenants ``KEYS`` and an admin key."""
-    settings = Settings(
+def memory_settings(tmp_path: Path, upstream: FakeUpstream, model_cache: Path,
+                    **memory: Any) -> Settings:
+    """``memory_live``'s settings; ``memory``: more of the ``memory`` section."""
+    return Settings(
         data_dir=tmp_path / "data",
         models=[ModelConfig(name="up", backend="litellm", model="openai/fake-model",
                             api_base=upstream.url, max_retries=0)],
         auth=AuthSettings(enabled=True, admin_keys=[ADMIN_KEY]),
         tenants=[TenantConfig(id=t, api_keys=[k]) for t, k in KEYS.items()],
-        memory=MemorySettings(embedder=EmbedderSettings(cache_dir=model_cache)),
+        memory=MemorySettings(embedder=EmbedderSettings(cache_dir=model_cache), **memory),
     )
-    with serve(create_app(settings)) as server:
+
+
+@pytest.fixture
+def memory_live(tmp_path: Path, upstream: FakeUpstream, model_cache: Path) -> Iterator[Live]:
+    """A proxy with memory on (real MiniLM, Qdrant Edge on disk) over the fake upstream,
+    auth on: tenants ``KEYS`` and an admin key."""
+    with serve(create_app(memory_settings(tmp_path, upstream, model_cache))) as server:
         yield server
 
 

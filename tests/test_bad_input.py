@@ -315,7 +315,7 @@ def memory_cases() -> list[Case]:
              "less than or equal to 1000", "limit"),
         Case("list-limit-word", "GET", f"{m}?limit=ten", 400, "valid integer", "limit"),
         Case("list-status-unknown", "GET", f"{m}?status=gone", 400,
-             "'active', 'archived' or 'deleted'", "status"),
+             "'active', 'archived', 'deleted' or 'all'", "status"),
         Case("list-cursor-junk", "GET", f"{m}?after=%%%", 400, "Invalid 'after' cursor",
              "after"),
         Case("list-cursor-huge", "GET", f"{m}?after={LONG_QUERY}", 400,
@@ -854,7 +854,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             assert item.status_code == 200, item.text
             # One good exchange: the write-back path is known to work on this server.
             ok = send(live, "POST", "/v1/chat/completions", body={
-                "model": "up", "messages": [{"role": "user", "content": "The good exchange."}]})
+                "model": "up", "messages": [{"role": "user", "content": "The good exchange."}],
+                "user": "alice"})
             assert ok.status_code == 200, ok.text
             SENT.clear()
             yield Server(live, upstream, item.json()["id"], len(upstream.history))
@@ -939,17 +940,19 @@ def test_no_bad_request_stored_a_memory_a_cube_or_an_adapter(server: Server) -> 
     live = server.live
     flushed = send(live, "POST", "/v1/memories/flush")
     assert flushed.json() == {"object": "memory.flush", "flushed": True}
-    mine = send(live, "GET", "/v1/memories?limit=1000").json()["data"]
+    mine = send(live, "GET", "/v1/memories?limit=1000&status=all").json()["data"]
     assert sorted((m["text"], m["version"], m["status"]) for m in mine) == [
         ("The good exchange.", 1, "active"), ("The seed memory.", 1, "active")]
     # The admin key is tenant 'default': nothing may have landed there either.
-    assert send(live, "GET", "/v1/memories?limit=1000", key=ADMIN).json()["data"] == []
+    assert send(live, "GET", "/v1/memories?limit=1000&status=all", key=ADMIN,
+                headers={"x-memcube-tenant": "default"}).json()["data"] == []
     history = send(live, "GET", f"/v1/memories/{server.memory_id}/history").json()["data"]
     assert [v["version"] for v in history] == [1]  # no bad PATCH made a version
     cubes = send(live, "GET", "/v1/cubes").json()["data"]
     assert sorted((c["id"] == CUBE, c["kind"], c["owner"]) for c in cubes) == [
         (False, "user", "alice"), (False, "user", "default"), (True, "shared", None)]
-    assert send(live, "GET", "/v1/cubes", key=ADMIN).json()["data"] == []
+    assert send(live, "GET", "/v1/cubes", key=ADMIN,
+                headers={"x-memcube-tenant": "default"}).json()["data"] == []
     assert send(live, "GET", "/v1/adapters", key=ADMIN).json()["data"] == []
     tenants = send(live, "GET", "/v1/tenants", key=ADMIN).json()["data"]
     assert [t["id"] for t in tenants] == ["acme"]

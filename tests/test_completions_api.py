@@ -298,10 +298,13 @@ def test_upstream_completion_is_relayed(proxy: Live, upstream: FakeUpstream,
     for key, value in {"prompt": "Say it:", "max_tokens": 7, "temperature": 0.5,
                        "stop": ["\n"], "seed": 3}.items():
         assert sent.body[key] == value, key
+    assert reply.model == "up"  # the name the client sent; the upstream's in a header
+    assert raw.headers["x-memcube-upstream-model"] == "fake-model"
     if transport == "direct":  # only the model rewritten; the upstream's bytes, as they were
         assert sent.body == {"model": "fake-model", "prompt": "Say it:", "max_tokens": 7,
                              "temperature": 0.5, "stop": ["\n"], "seed": 3}
-        assert raw.http_response.content == json.dumps(text_completion(["the answer"])).encode()
+        assert raw.http_response.content == json.dumps(
+            text_completion(["the answer"], model="up")).encode()
 
 
 def test_upstream_stream_is_relayed(proxy: Live, upstream: FakeUpstream) -> None:

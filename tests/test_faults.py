@@ -304,7 +304,8 @@ def test_unreachable_qdrant_server_proxy_serves_without_memory(
     })
     with serve(create_app(settings)) as live:
         r = httpx.post(f"{live.base_url}/chat/completions", timeout=30, json={
-            "model": "up", "messages": [{"role": "user", "content": "I keep bees."}]})
+            "model": "up", "messages": [{"role": "user", "content": "I keep bees."}],
+            "user": "alice"})
         assert r.status_code == 200
         assert r.headers[DEGRADED] == "recall"
         assert_memory_unavailable(httpx.get(f"{live.base_url}/memories", timeout=30))
@@ -320,7 +321,8 @@ def test_unreachable_qdrant_server_proxy_serves_without_memory(
 def test_healthz_stays_200_and_names_what_memory_lacks(rig: Rig) -> None:
     ok = httpx.get(f"{rig.live.url}/healthz")
     assert ok.status_code == 200
-    assert ok.json()["memory"] == {"store": "ok", "outbox": "ok", "write_back": "ok"}
+    assert ok.json()["memory"] == {"store": "ok", "outbox": "ok", "write_back": "ok",
+                                   "anonymous": "off"}
     rig.store.mode = "down"
     rig.chat("hello")
     rig.flush_raises_unavailable()
@@ -330,7 +332,7 @@ def test_healthz_stays_200_and_names_what_memory_lacks(rig: Rig) -> None:
     assert r.status_code == 200  # liveness: the proxy still answers
     assert r.json()["status"] == "ok"
     assert r.json()["memory"] == {"store": "unavailable", "outbox": "failing",
-                                  "write_back": "paused"}
+                                  "write_back": "paused", "anonymous": "off"}
 
 
 def metric(rig: Rig, line_start: str) -> float:

@@ -238,8 +238,10 @@ class World:
         items: list[dict[str, Any]] = []
         after: str | None = None
         while True:
+            # Every status: the ledger holds deleted memories too (the default lists active).
             r = self.call(tenant, "GET", "/memories",
-                          params={**params, "limit": limit, **({"after": after} if after else {})})
+                          params={"status": "all", **params, "limit": limit,
+                                  **({"after": after} if after else {})})
             assert r.status_code == 200, self.why(r.text)
             page = r.json()
             assert page["object"] == "list" and len(page["data"]) <= limit, self.why(r.text[:300])
@@ -377,7 +379,8 @@ class World:
         r = self.call(tenant, "POST", "/memories", user, json={"text": "planted", "cube_id": cube})
         self.assert_404(r, f"{tenant} writes into {cube}")
         self.assert_404(self.call(tenant, "DELETE", f"/cubes/{cube}"), f"{tenant} DELETE {cube}")
-        listed = self.call(tenant, "GET", "/memories", params={"cube_id": cube}).json()
+        listed = self.call(tenant, "GET", "/memories",
+                           params={"cube_id": cube, "status": "all"}).json()
         assert listed == {"object": "list", "data": [], "has_more": False}, self.why(str(listed))
         # The owner still has it, whole (once write-back has caught up with chats the
         # ledger already counts).

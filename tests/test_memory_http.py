@@ -224,7 +224,11 @@ def test_admin_erases_a_tenants_user_acting_for_the_tenant(live: Live) -> None:
             headers["x-memcube-tenant"] = tenant
         return httpx.request(method, f"{live.base_url}{path}", headers=headers, **kw)
 
-    assert as_admin("GET", "/memories", None).json()["data"] == []  # its own tenant: default
+    # An admin holds no memories of its own: without naming a tenant it is told to.
+    unnamed = as_admin("GET", "/memories", None)
+    assert unnamed.status_code == 400
+    assert unnamed.json()["error"]["param"] == "X-Memcube-Tenant"
+    assert "X-Memcube-Tenant" in unnamed.json()["error"]["message"]
     seen = as_admin("GET", "/memories", "acme").json()["data"]
     assert [m["text"] for m in seen] == ["Alice's secret"]
     r = as_admin("POST", "/memories/purge", "acme", json={"user": "alice"})

@@ -87,7 +87,10 @@ def test_stream_is_relayed_as_sent_and_remembered(live: Live,
         assert r.status_code == 200
         got = r.read()
     sent = native_upstream.history[-1].body
-    assert got == b"".join(response_events(sent))
+    # As sent, but for the model: the name the client asked for, not the upstream's.
+    assert got == b"".join(response_events(sent)).replace(b'"model": "fake-model"',
+                                                          b'"model": "gpt"')
+    assert b"fake-model" not in got
     final = json.loads(got.strip().split(b"\n\n")[-1].split(b"data: ", 1)[1])["response"]
     assert client(live).responses.retrieve(final["id"]).id == final["id"]
     flush(live)

@@ -73,7 +73,8 @@ class MemoryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     enabled: bool = True
-    write: bool = True
+    #: Unset: as ``enabled`` (memory off writes nothing unless ``write: true`` is given).
+    write: bool | None = None
     cubes: list[Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]] | None = Field(
         default=None, max_length=MAX_CUBES)
     write_cube: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)

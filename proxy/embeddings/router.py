@@ -17,6 +17,8 @@ from proxy.auth import json_post_route
 from proxy.context import AppContext
 from proxy.embeddings.protocol import parse_embeddings_request
 from proxy.errors import InvalidRequestError
+from proxy.headers import UPSTREAM_MODEL
+from proxy.naming import rename
 from proxy.state import request_state
 
 
@@ -38,7 +40,9 @@ def embeddings_route(context: AppContext) -> Route:
             raise InvalidRequestError(f"The model '{req.model}' serves no embeddings{hint}.",
                                       param="model", code="model_not_supported")
         reply = await backend.embeddings(body)
-        content = reply.raw if reply.raw is not None else json.dumps(reply.data).encode()
-        return Response(content, media_type="application/json")
+        raw, upstream = rename(reply.data, reply.raw, req.model)
+        content = raw if raw is not None else json.dumps(reply.data).encode()
+        named = {UPSTREAM_MODEL: upstream} if upstream is not None else None
+        return Response(content, media_type="application/json", headers=named)
 
     return json_post_route("/v1/embeddings", embeddings)

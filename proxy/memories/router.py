@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from memory.admin import MemoryAdmin
-from memory.models import MemoryStatus
 from proxy import headers as h
 from proxy.auth import principal_of, require_key
 from proxy.context import context
@@ -47,7 +46,16 @@ def admin(request: Request) -> MemoryAdmin:
 
 
 def tenant(request: Request) -> str:
-    return principal_of(request).tenant
+    """The tenant whose memories a call reads or writes. With auth on, an admin key must
+    name it (``X-Memcube-Tenant``): an admin holds no memories of its own."""
+    principal = principal_of(request)
+    if (principal.admin and request.headers.get(h.TENANT) is None
+            and context(request).settings.auth.enabled):
+        raise InvalidRequestError(
+            "An admin key acts for a tenant here: name it with the X-Memcube-Tenant header "
+            "(e.g. 'X-Memcube-Tenant: acme').", param="X-Memcube-Tenant",
+            code="tenant_required")
+    return principal.tenant
 
 
 async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -79,13 +87,14 @@ async def create_memory(request: Request) -> dict[str, Any]:
 async def list_memories(request: Request,
                         user: str | None = Query(default=None, max_length=MAX_ID_LENGTH),
                         cube_id: str | None = Query(default=None, max_length=MAX_ID_LENGTH),
-                        status: MemoryStatus | None = None,
+                        status: Literal["active", "archived", "deleted", "all"] = "active",
                         limit: int = Query(default=100, ge=1, le=1000),
                         after: str | None = Query(default=None, max_length=200)
                         ) -> dict[str, Any]:
     try:
         items, cursor = await run(admin(request).list_items, tenant(request), user=user,
-                                  cube_id=cube_id, status=status, limit=limit, cursor=after)
+                                  cube_id=cube_id, status=None if status == "all" else status,
+                                  limit=limit, cursor=after)
     except ValueError:
         raise InvalidRequestError("Invalid 'after' cursor.", param="after") from None
     return listing([i.api() for i in items], cursor)
@@ -159,7 +168,10 @@ async def list_cubes(request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/cubes/import")
-async def import_cube(request: Request) -> dict[str, Any]:
+async def import_cube(request: Request,
+                      id: str | None = Query(default=None, min_length=1, max_length=128,
+                                             pattern=r"^[A-Za-z0-9_.:-]+$")) -> dict[str, Any]:
+    """Restore an export, or with ``?id=NEW`` copy it under a new cube id."""
     mem, body = admin(request), await request.body()
     try:
         text = body.decode("utf-8")
@@ -169,7 +181,7 @@ async def import_cube(request: Request) -> dict[str, Any]:
         raise InvalidRequestError(f"line {line}: not valid UTF-8 (byte 0x{body[exc.start]:02x})."
                                   ) from None
     try:
-        cube, count = await run(mem.import_cube, tenant(request), text.splitlines())
+        cube, count = await run(mem.import_cube, tenant(request), text.splitlines(), id)
     except RecursionError:
         raise InvalidRequestError("A line of the export is nested too deeply for JSON.") from None
     return {**cube.api(), "imported": count}
