@@ -256,3 +256,17 @@ def test_a_variable_naming_no_setting_is_warned_of(monkeypatch: pytest.MonkeyPat
         settings = load_settings(None)
     assert settings.data_dir == Path("./data")
     assert any("MEMCUBE_DATADIR: no such setting" in r.getMessage() for r in caplog.records)
+
+
+def test_make_serve_takes_port_and_host() -> None:
+    """``make serve PORT=... HOST=...`` passes them on; without them, nothing is."""
+    def serve_line(*args: str) -> str:
+        out = subprocess.run(["make", "-n", "serve", *args], cwd=REPO, text=True,
+                             capture_output=True, check=True,
+                             env={**os.environ, "PORT": "1", "HOST": "shell"}).stdout
+        joined = out.replace("\\\n", " ")  # the recipe's continued lines, as one
+        return next(line for line in joined.splitlines() if "memcube-proxy serve" in line)
+
+    line = serve_line("PORT=8123", "HOST=0.0.0.0")
+    assert "--port 8123" in line and "--host 0.0.0.0" in line
+    assert "--port" not in serve_line() and "--host" not in serve_line()  # the shell's are not
