@@ -265,3 +265,10 @@ def test_a_debug_request_leaves_a_record_of_its_injected_block(
     missing = api(live, "GET", f"/requests/{plain.headers['x-memcube-request-id']}")
     assert missing.status_code == 404
     assert "X-Memcube-Debug" in missing.json()["error"]["message"]
+
+
+def test_the_interactive_api_docs_are_served(live: Live) -> None:
+    docs = httpx.get(f"{live.url}/docs")
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
+    schema = httpx.get(f"{live.url}/openapi.json").json()
+    assert "/v1/memories" in schema["paths"] and "/v1/requests/{request_id}" in schema["paths"]
